@@ -1,0 +1,93 @@
+//! Connecting to Postgres and keeping the schema in step with this build.
+//!
+//! `migrations/` is the one schema path; [`MIGRATOR`] embeds it. Services call
+//! [`ensure_schema`] at start-up: without `--migrate` a database that is behind is refused
+//! with the names of the missing migrations, never silently used.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use sqlx::migrate::Migrator;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::PgPool;
+
+use crate::config::DatabaseConfig;
+use crate::error::{Error, Result};
+
+/// The schema, embedded from `migrations/` at the workspace root.
+pub static MIGRATOR: Migrator = sqlx::migrate!("../../migrations");
+
+/// Opens a pool for `config`. Connections are made lazily up to `max_connections`.
+pub async fn connect(config: &DatabaseConfig) -> Result<PgPool> {
+    let options: PgConnectOptions = config
+        .url
+        .expose()
+        .parse()
+        .map_err(|e| Error::Config(format!("database url: {e}")))?;
+    let pool = PgPoolOptions::new()
+        .max_connections(config.max_connections)
+        .acquire_timeout(Duration::from_secs(config.acquire_timeout_secs))
+        .connect_with(options.application_name(&config.application_name))
+        .await?;
+    Ok(pool)
+}
+
+/// What to do when the database schema is behind this build.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SchemaPolicy {
+    /// Refuse to start, naming the missing migrations.
+    Require,
+    /// Apply the missing migrations (the explicit `--migrate` flag).
+    Migrate,
+}
+
+/// Checks (or, with [`SchemaPolicy::Migrate`], brings up to date) the schema.
+pub async fn ensure_schema(pool: &PgPool, policy: SchemaPolicy) -> Result<()> {
+    if policy == SchemaPolicy::Migrate {
+        MIGRATOR.run(pool).await?;
+        return Ok(());
+    }
+    let missing = pending_migrations(pool).await?;
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::MigrationsPending { missing })
+    }
+}
+
+/// Names (`<version>_<description>`) of the migrations this build carries that the
+/// database has not applied. A migration applied with different contents is an error.
+pub async fn pending_migrations(pool: &PgPool) -> Result<Vec<String>> {
+    // `_sqlx_migrations` belongs to sqlx, not to our schema, and may not exist yet, so these
+    // two statements are the only unchecked SQL of the project.
+    let table_exists: bool =
+        sqlx::query_scalar("SELECT to_regclass('public._sqlx_migrations') IS NOT NULL")
+            .fetch_one(pool)
+            .await?;
+    let applied: HashMap<i64, Vec<u8>> = if table_exists {
+        sqlx::query_as::<_, (i64, Vec<u8>)>(
+            "SELECT version, checksum FROM _sqlx_migrations WHERE success",
+        )
+        .fetch_all(pool)
+        .await?
+        .into_iter()
+        .collect()
+    } else {
+        HashMap::new()
+    };
+    let mut missing = Vec::new();
+    for migration in MIGRATOR.iter().filter(|m| m.migration_type.is_up_migration()) {
+        match applied.get(&migration.version) {
+            None => missing.push(format!(
+                "{}_{}",
+                migration.version,
+                migration.description.replace(' ', "_")
+            )),
+            Some(checksum) if checksum.as_slice() != &*migration.checksum => {
+                return Err(Error::MigrationChanged { version: migration.version });
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(missing)
+}

@@ -1,0 +1,179 @@
+//! Claim: lease an agent's next deliverable commands to one connection.
+
+use chrono::{DateTime, Utc};
+
+use super::{secs, CommandQueue, MAX_CLAIM_BATCH};
+use crate::command::{Command, CommandId, CommandKind, CommandStatus, Lease};
+use crate::error::{Error, Result};
+use crate::telemetry::{add, METRICS};
+
+/// What to claim, and for whom.
+#[derive(Clone, Debug)]
+pub struct ClaimParams<'a> {
+    pub agent_id: &'a str,
+    /// The connection that will deliver the commands, e.g. `dispatcher-1/agent-a/7`.
+    /// Releasing by owner returns exactly its leases.
+    pub owner: &'a str,
+    /// At most this many commands (the free part of the agent's in-flight window).
+    pub limit: i64,
+}
+
+/// A row that was claimed but could not be decoded. It is already `failed`, with the
+/// reason in `error_message`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Quarantined {
+    pub command_id: String,
+    pub reason: String,
+}
+
+/// The result of a claim: deliverable commands in acceptance order, plus the rows that
+/// were quarantined on the way.
+#[derive(Clone, Debug, Default)]
+pub struct ClaimBatch {
+    pub commands: Vec<Command>,
+    pub quarantined: Vec<Quarantined>,
+}
+
+struct ClaimedRow {
+    command_id: String,
+    seq: i64,
+    agent_id: String,
+    session_id: Option<String>,
+    action: String,
+    payload: serde_json::Value,
+    attempts: i32,
+    max_attempts: i32,
+    created_at: DateTime<Utc>,
+    expires_at: Option<DateTime<Utc>>,
+    trace_context: Option<String>,
+    lease_token: i64,
+}
+
+impl ClaimedRow {
+    fn decode(self) -> Result<Command, (String, i64, String)> {
+        let fail = |reason: String| (self.command_id.clone(), self.lease_token, reason);
+        let command_id: CommandId = self.command_id.parse().map_err(|e| fail(format!("{e}")))?;
+        let kind = CommandKind::decode(&self.action, &self.payload)
+            .map_err(|e| fail(format!("cannot decode stored command: {e}")))?;
+        Ok(Command {
+            lease: Some(Lease { command_id: command_id.clone(), token: self.lease_token }),
+            command_id,
+            seq: self.seq,
+            agent_id: self.agent_id,
+            session_id: self.session_id,
+            kind,
+            status: CommandStatus::Sent,
+            attempts: self.attempts,
+            max_attempts: self.max_attempts,
+            created_at: self.created_at,
+            expires_at: self.expires_at,
+            trace_context: self.trace_context,
+        })
+    }
+}
+
+impl CommandQueue {
+    /// Leases up to `limit` deliverable commands of one agent to `owner`, oldest first.
+    ///
+    /// Deliverable means: `pending`, due (`next_attempt_at` passed), not expired, and no
+    /// earlier command of the same session still unfinished. Rows locked by a concurrent
+    /// claimer are skipped, never waited for. Undecodable rows are quarantined here, so
+    /// one bad row never stops the rest of the queue.
+    pub async fn command_claim(&self, params: ClaimParams<'_>) -> Result<ClaimBatch> {
+        if !(1..=MAX_CLAIM_BATCH).contains(&params.limit) {
+            return Err(Error::InvalidInput(format!(
+                "claim limit must be 1..={MAX_CLAIM_BATCH}, got {}",
+                params.limit
+            )));
+        }
+        let rows = sqlx::query_as!(
+            ClaimedRow,
+            r#"
+            WITH candidates AS (
+                SELECT c.command_id
+                FROM agent_commands c
+                WHERE c.agent_id = $1
+                  AND c.status = 'pending'
+                  AND c.next_attempt_at <= now()
+                  AND (c.expires_at IS NULL OR c.expires_at > now())
+                  AND NOT EXISTS (
+                      SELECT 1 FROM agent_commands e
+                      WHERE e.session_id = c.session_id
+                        AND e.seq < c.seq
+                        AND e.status IN ('pending', 'sent', 'ack'))
+                ORDER BY c.seq
+                LIMIT $2
+                FOR UPDATE SKIP LOCKED
+            )
+            UPDATE agent_commands c
+            SET status = 'sent',
+                lease_owner = $3,
+                lease_token = nextval('agent_command_lease_token_seq'),
+                lease_expires_at = now() + make_interval(secs => $4),
+                -- The clock, not the transaction start: the claim's snapshot is taken after
+                -- its transaction starts, so only the clock orders it after the completions
+                -- it saw.
+                sent_at = clock_timestamp(),
+                attempts = c.attempts + 1,
+                updated_at = now()
+            FROM candidates
+            WHERE c.command_id = candidates.command_id
+            RETURNING c.command_id, c.seq, c.agent_id, c.session_id, c.action, c.payload,
+                      c.attempts, c.max_attempts, c.created_at, c.expires_at, c.trace_context,
+                      c.lease_token AS "lease_token!"
+            "#,
+            params.agent_id,
+            params.limit,
+            params.owner,
+            secs(self.config.lease),
+        )
+        .fetch_all(&self.pool)
+        .await?;
+
+        let mut batch = ClaimBatch::default();
+        let mut bad = Vec::new();
+        for row in rows {
+            match row.decode() {
+                Ok(cmd) => batch.commands.push(cmd),
+                Err(b) => bad.push(b),
+            }
+        }
+        batch.commands.sort_by_key(|c| c.seq);
+        add(&METRICS.commands_claimed, batch.commands.len() as u64);
+        if !bad.is_empty() {
+            batch.quarantined = self.command_quarantine(bad).await?;
+        }
+        Ok(batch)
+    }
+
+    /// `sent → failed` for rows that cannot be decoded, fenced by the claim's token.
+    async fn command_quarantine(&self, bad: Vec<(String, i64, String)>) -> Result<Vec<Quarantined>> {
+        let (ids, (tokens, reasons)): (Vec<String>, (Vec<i64>, Vec<String>)) =
+            bad.into_iter().map(|(id, token, reason)| (id, (token, reason))).unzip();
+        let rows = sqlx::query!(
+            r#"
+            UPDATE agent_commands c
+            SET status = 'failed', error_message = q.reason, completed_at = now(),
+                updated_at = now()
+            FROM UNNEST($1::text[], $2::int8[], $3::text[]) AS q(command_id, token, reason)
+            WHERE c.command_id = q.command_id AND c.lease_token = q.token AND c.status = 'sent'
+            RETURNING c.command_id, q.reason AS "reason!"
+            "#,
+            &ids,
+            &tokens,
+            &reasons,
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let quarantined: Vec<Quarantined> = rows
+            .into_iter()
+            .map(|r| Quarantined { command_id: r.command_id, reason: r.reason })
+            .collect();
+        for q in &quarantined {
+            tracing::error!(command_id = %q.command_id, reason = %q.reason, "command quarantined: moved to failed");
+        }
+        add(&METRICS.commands_quarantined, quarantined.len() as u64);
+        add(&METRICS.commands_failed, quarantined.len() as u64);
+        Ok(quarantined)
+    }
+}

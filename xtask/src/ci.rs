@@ -1,0 +1,23 @@
+//! `cargo xtask ci`: exactly what `.ci/run` runs.
+
+use crate::flags::CiFlags;
+use crate::util::{cargo, exec};
+
+pub fn run(flags: CiFlags) -> anyhow::Result<()> {
+    if !flags.tests_only {
+        let mut fmt = cargo();
+        fmt.args(["fmt", "--all", "--check"]);
+        exec(fmt)?;
+        let mut clippy = cargo();
+        clippy.args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]);
+        exec(clippy)?;
+        // The committed query data must match the migrations and the code.
+        crate::sqlx_prepare::run(crate::flags::SqlxPrepareFlags { check: true })?;
+    }
+    let mut test = cargo();
+    test.args(["test", "--workspace"]);
+    exec(test)?;
+    eprintln!("xtask ci: all checks passed");
+    Ok(())
+}
+
