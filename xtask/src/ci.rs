@@ -9,7 +9,14 @@ pub fn run(flags: CiFlags) -> anyhow::Result<()> {
         fmt.args(["fmt", "--all", "--check"]);
         exec(fmt)?;
         let mut clippy = cargo();
-        clippy.args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]);
+        clippy.args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]);
         exec(clippy)?;
         // The committed query data must match the migrations and the code.
         crate::sqlx_prepare::run(crate::flags::SqlxPrepareFlags { check: true })?;
@@ -20,4 +27,3 @@ pub fn run(flags: CiFlags) -> anyhow::Result<()> {
     eprintln!("xtask ci: all checks passed");
     Ok(())
 }
-

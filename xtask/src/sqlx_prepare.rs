@@ -42,14 +42,23 @@ pub fn run(flags: SqlxPrepareFlags) -> anyhow::Result<()> {
     }
     let fresh = read_dir(&out)?;
     if fresh.is_empty() {
-        bail!("no query data was written to {}; is SQLX_OFFLINE_DIR honoured?", out.display());
+        bail!(
+            "no query data was written to {}; is SQLX_OFFLINE_DIR honoured?",
+            out.display()
+        );
     }
     let committed_dir = root().join(".sqlx");
     if flags.check {
         let committed = read_dir(&committed_dir).unwrap_or_default();
         if committed != fresh {
-            let stale: Vec<_> = committed.keys().filter(|k| !fresh.contains_key(*k)).collect();
-            let new: Vec<_> = fresh.keys().filter(|k| committed.get(*k) != fresh.get(*k)).collect();
+            let stale: Vec<_> = committed
+                .keys()
+                .filter(|k| !fresh.contains_key(*k))
+                .collect();
+            let new: Vec<_> = fresh
+                .keys()
+                .filter(|k| committed.get(*k) != fresh.get(*k))
+                .collect();
             bail!(
                 ".sqlx/ is out of date (new or changed: {new:?}; stale: {stale:?}); run `cargo xtask sqlx-prepare` and commit the result"
             );
@@ -77,4 +86,3 @@ fn read_dir(dir: &Path) -> anyhow::Result<BTreeMap<String, String>> {
     }
     Ok(out)
 }
-

@@ -12,7 +12,8 @@ use crate::util::{apply_migrations, root};
 pub fn run(flags: UpFlags) -> anyhow::Result<()> {
     let data_dir = root().join(&flags.data_dir);
     if flags.fresh && data_dir.exists() {
-        std::fs::remove_dir_all(&data_dir).with_context(|| format!("removing {}", data_dir.display()))?;
+        std::fs::remove_dir_all(&data_dir)
+            .with_context(|| format!("removing {}", data_dir.display()))?;
     }
     let cluster = PgCluster::start(ClusterOptions {
         data_dir: Some(data_dir),

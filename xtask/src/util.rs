@@ -15,7 +15,9 @@ pub fn root() -> PathBuf {
 pub fn exec(mut cmd: Command) -> anyhow::Result<()> {
     cmd.current_dir(root());
     eprintln!("$ {}", describe(&cmd));
-    let status = cmd.status().with_context(|| format!("starting {}", describe(&cmd)))?;
+    let status = cmd
+        .status()
+        .with_context(|| format!("starting {}", describe(&cmd)))?;
     if !status.success() {
         bail!("`{}` failed with {status}", describe(&cmd));
     }
@@ -41,7 +43,9 @@ pub async fn apply_migrations(url: &str) -> anyhow::Result<()> {
     let migrator = sqlx::migrate::Migrator::new(root().join("migrations"))
         .await
         .context("reading migrations/")?;
-    let pool = sqlx::PgPool::connect(url).await.context("connecting to the database")?;
+    let pool = sqlx::PgPool::connect(url)
+        .await
+        .context("connecting to the database")?;
     migrator.run(&pool).await.context("applying migrations")?;
     pool.close().await;
     Ok(())

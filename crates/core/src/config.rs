@@ -35,7 +35,9 @@ pub fn load_from<T: DeserializeOwned>(
             .map_err(|e| Error::Config(format!("parsing {}: {e}", path.display())))?;
     }
     for (name, value) in env {
-        let Some(rest) = name.strip_prefix(ENV_PREFIX) else { continue };
+        let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
+            continue;
+        };
         // `STREAMSPACE_CONFIG` names the file itself; it is not a setting.
         if rest == "CONFIG" || rest.is_empty() {
             continue;
@@ -67,8 +69,9 @@ fn insert(table: &mut toml::Table, path: &[String], value: toml::Value) -> Resul
             Ok(())
         }
         [head, rest @ ..] => {
-            let entry =
-                table.entry(head.clone()).or_insert_with(|| toml::Value::Table(Default::default()));
+            let entry = table
+                .entry(head.clone())
+                .or_insert_with(|| toml::Value::Table(Default::default()));
             match entry {
                 toml::Value::Table(inner) => insert(inner, rest, value),
                 _ => Err(head.clone()),
@@ -148,7 +151,10 @@ mod tests {
     }
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -156,7 +162,11 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("ss-config-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("c.toml");
-        std::fs::write(&file, "name = \"from-file\"\n[database]\nmax_connections = 3\n").unwrap();
+        std::fs::write(
+            &file,
+            "name = \"from-file\"\n[database]\nmax_connections = 3\n",
+        )
+        .unwrap();
         let cfg: Example = load_from(
             Some(&file),
             env(&[
@@ -177,16 +187,18 @@ mod tests {
         let err = load_from::<Example>(None, env(&[("STREAMSPACE_DATABASE__MAX_CONECTIONS", "7")]))
             .unwrap_err();
         assert!(err.to_string().contains("max_conections"), "{err}");
-        let err = load_from::<Example>(None, env(&[("STREAMSPACE_VERBOSE", "yes please")]))
-            .unwrap_err();
+        let err =
+            load_from::<Example>(None, env(&[("STREAMSPACE_VERBOSE", "yes please")])).unwrap_err();
         assert!(err.to_string().contains("invalid type"), "{err}");
     }
 
     #[test]
     fn secrets_never_print() {
-        let cfg: Example =
-            load_from(None, env(&[("STREAMSPACE_DATABASE__URL", "postgres://u:hunter2@h/db")]))
-                .unwrap();
+        let cfg: Example = load_from(
+            None,
+            env(&[("STREAMSPACE_DATABASE__URL", "postgres://u:hunter2@h/db")]),
+        )
+        .unwrap();
         assert_eq!(cfg.database.url.expose(), "postgres://u:hunter2@h/db");
         let printed = format!("{cfg:?}");
         assert!(!printed.contains("hunter2"), "{printed}");

@@ -7,9 +7,9 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use sqlx::PgPool;
 use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::PgPool;
 
 use crate::config::DatabaseConfig;
 use crate::error::{Error, Result};
@@ -76,7 +76,10 @@ pub async fn pending_migrations(pool: &PgPool) -> Result<Vec<String>> {
         HashMap::new()
     };
     let mut missing = Vec::new();
-    for migration in MIGRATOR.iter().filter(|m| m.migration_type.is_up_migration()) {
+    for migration in MIGRATOR
+        .iter()
+        .filter(|m| m.migration_type.is_up_migration())
+    {
         match applied.get(&migration.version) {
             None => missing.push(format!(
                 "{}_{}",
@@ -84,7 +87,9 @@ pub async fn pending_migrations(pool: &PgPool) -> Result<Vec<String>> {
                 migration.description.replace(' ', "_")
             )),
             Some(checksum) if checksum.as_slice() != &*migration.checksum => {
-                return Err(Error::MigrationChanged { version: migration.version });
+                return Err(Error::MigrationChanged {
+                    version: migration.version,
+                });
             }
             Some(_) => {}
         }

@@ -20,7 +20,9 @@ pub enum Error {
     MigrationsPending { missing: Vec<String> },
 
     /// An applied migration differs from the file this build carries.
-    #[error("migration {version} was applied with different contents than this build carries; refusing to guess")]
+    #[error(
+        "migration {version} was applied with different contents than this build carries; refusing to guess"
+    )]
     MigrationChanged { version: i64 },
 
     #[error("migration failed: {0}")]
@@ -29,14 +31,21 @@ pub enum Error {
     /// The lease presented no longer holds the command: it was released, rescued or
     /// re-leased, or the command already moved on. Nothing was changed.
     #[error("stale lease for {command_id}: the command is {current} under another lease or none")]
-    StaleLease { command_id: CommandId, current: CommandStatus },
+    StaleLease {
+        command_id: CommandId,
+        current: CommandStatus,
+    },
 
     #[error("command {0} not found")]
     CommandNotFound(CommandId),
 
     /// The command cannot make the requested move from where it stands.
     #[error("command {command_id} is {current}; cannot {attempted}")]
-    InvalidTransition { command_id: CommandId, current: CommandStatus, attempted: &'static str },
+    InvalidTransition {
+        command_id: CommandId,
+        current: CommandStatus,
+        attempted: &'static str,
+    },
 
     /// The same idempotency key was used for a different command.
     #[error("idempotency key {key:?} was already used for a different command ({existing})")]

@@ -14,8 +14,14 @@ use tracing_subscriber::EnvFilter;
 pub fn init_tracing(default_filter: &str, json: bool) {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(true);
-    let _ = if json { builder.json().try_init() } else { builder.try_init() };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(true);
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
 }
 
 /// Process-wide counters of the command pipeline.
@@ -58,17 +64,61 @@ pub(crate) fn add(counter: &AtomicU64, n: u64) {
 impl Metrics {
     fn rows(&self) -> [(&'static str, &'static str, &AtomicU64); 11] {
         [
-            ("streamspace_commands_quarantined_total", "rows moved to failed because they could not be decoded", &self.commands_quarantined),
-            ("streamspace_commands_enqueued_total", "commands accepted into the queue", &self.commands_enqueued),
-            ("streamspace_commands_claimed_total", "command deliveries leased to a connection", &self.commands_claimed),
-            ("streamspace_commands_completed_total", "commands completed", &self.commands_completed),
-            ("streamspace_commands_failed_total", "commands that ended failed", &self.commands_failed),
-            ("streamspace_commands_retried_total", "failed attempts scheduled for retry", &self.commands_retried),
-            ("streamspace_stale_lease_rejections_total", "transitions refused for a stale lease", &self.stale_lease_rejections),
-            ("streamspace_leases_released_total", "leases released by a closing connection", &self.leases_released),
-            ("streamspace_leases_rescued_total", "expired leases rescued", &self.leases_rescued),
-            ("streamspace_commands_expired_total", "commands that expired before delivery", &self.commands_expired),
-            ("streamspace_commands_pruned_total", "terminal commands pruned", &self.commands_pruned),
+            (
+                "streamspace_commands_quarantined_total",
+                "rows moved to failed because they could not be decoded",
+                &self.commands_quarantined,
+            ),
+            (
+                "streamspace_commands_enqueued_total",
+                "commands accepted into the queue",
+                &self.commands_enqueued,
+            ),
+            (
+                "streamspace_commands_claimed_total",
+                "command deliveries leased to a connection",
+                &self.commands_claimed,
+            ),
+            (
+                "streamspace_commands_completed_total",
+                "commands completed",
+                &self.commands_completed,
+            ),
+            (
+                "streamspace_commands_failed_total",
+                "commands that ended failed",
+                &self.commands_failed,
+            ),
+            (
+                "streamspace_commands_retried_total",
+                "failed attempts scheduled for retry",
+                &self.commands_retried,
+            ),
+            (
+                "streamspace_stale_lease_rejections_total",
+                "transitions refused for a stale lease",
+                &self.stale_lease_rejections,
+            ),
+            (
+                "streamspace_leases_released_total",
+                "leases released by a closing connection",
+                &self.leases_released,
+            ),
+            (
+                "streamspace_leases_rescued_total",
+                "expired leases rescued",
+                &self.leases_rescued,
+            ),
+            (
+                "streamspace_commands_expired_total",
+                "commands that expired before delivery",
+                &self.commands_expired,
+            ),
+            (
+                "streamspace_commands_pruned_total",
+                "terminal commands pruned",
+                &self.commands_pruned,
+            ),
         ]
     }
 

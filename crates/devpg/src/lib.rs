@@ -30,9 +30,13 @@ const START_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("PostgreSQL server binaries (initdb, postgres) not found in PATH or /usr/lib/postgresql/*/bin; {SERVER_PACKAGE_HINT}")]
+    #[error(
+        "PostgreSQL server binaries (initdb, postgres) not found in PATH or /usr/lib/postgresql/*/bin; {SERVER_PACKAGE_HINT}"
+    )]
     NotInstalled,
-    #[error("running as root, but no unprivileged user (`postgres` or `nobody`) exists to run PostgreSQL")]
+    #[error(
+        "running as root, but no unprivileged user (`postgres` or `nobody`) exists to run PostgreSQL"
+    )]
     NoUnprivilegedUser,
     #[error("{what}: {source}")]
     Io {
@@ -78,7 +82,12 @@ pub struct ClusterOptions {
 
 impl Default for ClusterOptions {
     fn default() -> Self {
-        Self { data_dir: None, durability: Durability::Fast, port: None, max_connections: 200 }
+        Self {
+            data_dir: None,
+            durability: Durability::Fast,
+            port: None,
+            max_connections: 200,
+        }
     }
 }
 
@@ -107,11 +116,14 @@ impl Binaries {
                 if dir.join("initdb").is_file() {
                     // Debian links initdb/pg_ctl into PATH but not `postgres`; follow the
                     // link to the real bin directory.
-                    let real = fs::canonicalize(dir.join("initdb")).map_err(io("resolving initdb"))?;
+                    let real =
+                        fs::canonicalize(dir.join("initdb")).map_err(io("resolving initdb"))?;
                     if let Some(bin_dir) = real.parent()
                         && bin_dir.join("postgres").is_file()
                     {
-                        return Ok(Self { bin_dir: bin_dir.to_owned() });
+                        return Ok(Self {
+                            bin_dir: bin_dir.to_owned(),
+                        });
                     }
                 }
             }
@@ -127,7 +139,10 @@ impl Binaries {
             })
             .collect();
         versions.sort();
-        versions.pop().map(|(_, bin_dir)| Self { bin_dir }).ok_or(Error::NotInstalled)
+        versions
+            .pop()
+            .map(|(_, bin_dir)| Self { bin_dir })
+            .ok_or(Error::NotInstalled)
     }
 
     fn path(&self, name: &str) -> PathBuf {
@@ -147,11 +162,19 @@ impl RunAs {
     fn detect() -> Result<Self> {
         let euid = nix::unistd::geteuid();
         if !euid.is_root() {
-            return Ok(Self { uid: euid.as_raw(), gid: nix::unistd::getegid().as_raw(), switch: false });
+            return Ok(Self {
+                uid: euid.as_raw(),
+                gid: nix::unistd::getegid().as_raw(),
+                switch: false,
+            });
         }
         for name in ["postgres", "nobody"] {
             if let Ok(Some(user)) = nix::unistd::User::from_name(name) {
-                return Ok(Self { uid: user.uid.as_raw(), gid: user.gid.as_raw(), switch: true });
+                return Ok(Self {
+                    uid: user.uid.as_raw(),
+                    gid: user.gid.as_raw(),
+                    switch: true,
+                });
             }
         }
         Err(Error::NoUnprivilegedUser)
@@ -188,7 +211,8 @@ impl PgCluster {
         let (root, keep_dir) = match &options.data_dir {
             Some(dir) => (dir.clone(), true),
             None => (
-                std::env::temp_dir().join(format!("streamspace-pg-{}", uuid::Uuid::new_v4().simple())),
+                std::env::temp_dir()
+                    .join(format!("streamspace-pg-{}", uuid::Uuid::new_v4().simple())),
                 false,
             ),
         };
@@ -197,12 +221,23 @@ impl PgCluster {
             .map_err(io(format!("chmod {}", root.display())))?;
         run_as.own(&root)?;
 
-        let mut cluster = Self { root, keep_dir, port: 0, postgres: None, watchdog: None };
+        let mut cluster = Self {
+            root,
+            keep_dir,
+            port: 0,
+            postgres: None,
+            watchdog: None,
+        };
         let data = cluster.data_dir();
         if !data.join("PG_VERSION").is_file() {
             let out = run_as
                 .command(&bins.path("initdb"))
-                .args(["--auth=trust", "--username=postgres", "--encoding=UTF8", "--locale=C.UTF-8"])
+                .args([
+                    "--auth=trust",
+                    "--username=postgres",
+                    "--encoding=UTF8",
+                    "--locale=C.UTF-8",
+                ])
                 .arg("--no-sync")
                 .arg("--pgdata")
                 .arg(&data)
@@ -233,7 +268,13 @@ impl PgCluster {
         Err(last_err.unwrap_or(Error::NotInstalled))
     }
 
-    fn spawn(&mut self, bins: &Binaries, run_as: RunAs, port: u16, options: &ClusterOptions) -> Result<()> {
+    fn spawn(
+        &mut self,
+        bins: &Binaries,
+        run_as: RunAs,
+        port: u16,
+        options: &ClusterOptions,
+    ) -> Result<()> {
         let log_path = self.root.join("postgres.log");
         let log = fs::File::create(&log_path).map_err(io("creating postgres.log"))?;
         let mut cmd = run_as.command(&bins.path("postgres"));
@@ -248,7 +289,14 @@ impl PgCluster {
             .arg(format!("max_connections={}", options.max_connections))
             .args(["-c", "shared_buffers=128MB"]);
         if options.durability == Durability::Fast {
-            cmd.args(["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]);
+            cmd.args([
+                "-c",
+                "fsync=off",
+                "-c",
+                "synchronous_commit=off",
+                "-c",
+                "full_page_writes=off",
+            ]);
         }
         // Own process group: a terminal's Ctrl-C reaches us, and we stop the server in
         // order, instead of the signal racing our clean-up.
@@ -269,13 +317,18 @@ impl PgCluster {
             {
                 self.postgres = None;
                 self.kill_watchdog();
-                return Err(Error::Exited { log: tail(&log_path) });
+                return Err(Error::Exited {
+                    log: tail(&log_path),
+                });
             }
             if self.is_ready() {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                return Err(Error::StartTimeout { secs: START_TIMEOUT.as_secs(), log: tail(&log_path) });
+                return Err(Error::StartTimeout {
+                    secs: START_TIMEOUT.as_secs(),
+                    log: tail(&log_path),
+                });
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -284,7 +337,11 @@ impl PgCluster {
     /// The watchdog polls our pid; once we are gone (however we died) it stops the server
     /// and removes a temporary directory.
     fn spawn_watchdog(&self, pg_pid: u32) -> Result<Child> {
-        let remove = if self.keep_dir { String::new() } else { self.root.display().to_string() };
+        let remove = if self.keep_dir {
+            String::new()
+        } else {
+            self.root.display().to_string()
+        };
         Command::new("sh")
             .arg("-c")
             .arg(
@@ -369,7 +426,10 @@ impl Drop for PgCluster {
 
 fn free_port() -> Result<u16> {
     let listener = TcpListener::bind("127.0.0.1:0").map_err(io("finding a free port"))?;
-    Ok(listener.local_addr().map_err(io("finding a free port"))?.port())
+    Ok(listener
+        .local_addr()
+        .map_err(io("finding a free port"))?
+        .port())
 }
 
 fn tail(path: &Path) -> String {

@@ -22,9 +22,8 @@ pub fn admin_url() -> String {
     if let Ok(url) = std::env::var("DATABASE_URL") {
         return url;
     }
-    let cluster = CLUSTER.get_or_init(|| {
-        PgCluster::start(ClusterOptions::default()).map_err(|e| e.to_string())
-    });
+    let cluster = CLUSTER
+        .get_or_init(|| PgCluster::start(ClusterOptions::default()).map_err(|e| e.to_string()));
     match cluster {
         Ok(c) => c.url("postgres"),
         Err(e) => panic!("cannot start the test PostgreSQL: {e}"),
@@ -33,9 +32,13 @@ pub fn admin_url() -> String {
 
 fn with_database(url: &str, dbname: &str) -> String {
     // Replace the path of a `postgres://…/db?params` URL.
-    let (base, query) = url.split_once('?').map_or((url, None), |(b, q)| (b, Some(q)));
+    let (base, query) = url
+        .split_once('?')
+        .map_or((url, None), |(b, q)| (b, Some(q)));
     let scheme_end = base.find("://").map_or(0, |i| i + 3);
-    let path_start = base[scheme_end..].find('/').map_or(base.len(), |i| scheme_end + i);
+    let path_start = base[scheme_end..]
+        .find('/')
+        .map_or(base.len(), |i| scheme_end + i);
     let mut out = format!("{}/{dbname}", &base[..path_start]);
     if let Some(q) = query {
         out.push('?');
@@ -51,7 +54,9 @@ async fn create_database(admin: &str, name: &str, template: Option<&str>) {
         Some(t) => format!("CREATE DATABASE {name} TEMPLATE {t}"),
         None => format!("CREATE DATABASE {name}"),
     };
-    let mut conn = PgConnection::connect(admin).await.expect("connect to test server");
+    let mut conn = PgConnection::connect(admin)
+        .await
+        .expect("connect to test server");
     sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
         .execute(&mut conn)
         .await
@@ -69,7 +74,10 @@ pub async fn fresh_database_url(migrator: &'static Migrator) -> String {
             let mut tpl = PgConnection::connect(&with_database(&admin, &name))
                 .await
                 .expect("connect to template database");
-            migrator.run(&mut tpl).await.expect("apply migrations to template database");
+            migrator
+                .run(&mut tpl)
+                .await
+                .expect("apply migrations to template database");
             tpl.close().await.ok();
             name
         })
@@ -103,7 +111,10 @@ mod tests {
 
     #[test]
     fn database_is_replaced_in_urls() {
-        assert_eq!(with_database("postgres://u@h:1/postgres", "x"), "postgres://u@h:1/x");
+        assert_eq!(
+            with_database("postgres://u@h:1/postgres", "x"),
+            "postgres://u@h:1/x"
+        );
         assert_eq!(with_database("postgres://u@h:1", "x"), "postgres://u@h:1/x");
         assert_eq!(
             with_database("postgres://u:p@h/db?sslmode=disable", "x"),

@@ -125,7 +125,9 @@ impl fmt::Display for Action {
 
 /// An action word this build does not know.
 #[derive(Debug, thiserror::Error)]
-#[error("unknown action {0:?} (known: start_session, stop_session, hibernate_session, wake_session)")]
+#[error(
+    "unknown action {0:?} (known: start_session, stop_session, hibernate_session, wake_session)"
+)]
 pub struct UnknownAction(pub String);
 
 impl FromStr for Action {
@@ -182,9 +184,9 @@ impl CommandKind {
             Action::StopSession => {
                 CommandKind::StopSession(StopSession::deserialize(payload).map_err(wrap)?)
             }
-            Action::HibernateSession => CommandKind::HibernateSession(
-                HibernateSession::deserialize(payload).map_err(wrap)?,
-            ),
+            Action::HibernateSession => {
+                CommandKind::HibernateSession(HibernateSession::deserialize(payload).map_err(wrap)?)
+            }
             Action::WakeSession => {
                 CommandKind::WakeSession(WakeSession::deserialize(payload).map_err(wrap)?)
             }
@@ -250,7 +252,14 @@ mod tests {
     #[test]
     fn seed_style_ids_are_accepted_and_garbage_rejected() {
         assert!("cmd-26acdfcf".parse::<CommandId>().is_ok());
-        for bad in ["", "cmd-", "26acdfcf", "cmd-ABC", "cmd-a b", &format!("cmd-{}", "a".repeat(65))] {
+        for bad in [
+            "",
+            "cmd-",
+            "26acdfcf",
+            "cmd-ABC",
+            "cmd-a b",
+            &format!("cmd-{}", "a".repeat(65)),
+        ] {
             assert!(bad.parse::<CommandId>().is_err(), "{bad:?} accepted");
         }
     }
@@ -267,7 +276,11 @@ mod tests {
     #[test]
     fn empty_payloads_decode_for_actions_without_required_fields() {
         let empty = serde_json::json!({});
-        for action in [Action::StopSession, Action::HibernateSession, Action::WakeSession] {
+        for action in [
+            Action::StopSession,
+            Action::HibernateSession,
+            Action::WakeSession,
+        ] {
             let kind = CommandKind::decode(action.as_str(), &empty).unwrap();
             assert_eq!(kind.action(), action);
         }
@@ -280,7 +293,10 @@ mod tests {
         let kind = CommandKind::StartSession(StartSession {
             template: "firefox-browser".into(),
             user_id: Some("admin".into()),
-            resources: Some(Resources { memory: Some("512Mi".into()), cpu: Some("250m".into()) }),
+            resources: Some(Resources {
+                memory: Some("512Mi".into()),
+                cpu: Some("250m".into()),
+            }),
             home_volume: false,
             env: Default::default(),
         });

@@ -2,10 +2,10 @@
 
 use chrono::{DateTime, Utc};
 
-use super::{secs, CommandQueue, MAX_CLAIM_BATCH};
+use super::{CommandQueue, MAX_CLAIM_BATCH, secs};
 use crate::command::{Command, CommandId, CommandKind, CommandStatus, Lease};
 use crate::error::{Error, Result};
-use crate::telemetry::{add, METRICS};
+use crate::telemetry::{METRICS, add};
 
 /// What to claim, and for whom.
 #[derive(Clone, Debug)]
@@ -56,7 +56,10 @@ impl ClaimedRow {
         let kind = CommandKind::decode(&self.action, &self.payload)
             .map_err(|e| fail(format!("cannot decode stored command: {e}")))?;
         Ok(Command {
-            lease: Some(Lease { command_id: command_id.clone(), token: self.lease_token }),
+            lease: Some(Lease {
+                command_id: command_id.clone(),
+                token: self.lease_token,
+            }),
             command_id,
             seq: self.seq,
             agent_id: self.agent_id,
@@ -147,9 +150,14 @@ impl CommandQueue {
     }
 
     /// `sent → failed` for rows that cannot be decoded, fenced by the claim's token.
-    async fn command_quarantine(&self, bad: Vec<(String, i64, String)>) -> Result<Vec<Quarantined>> {
-        let (ids, (tokens, reasons)): (Vec<String>, (Vec<i64>, Vec<String>)) =
-            bad.into_iter().map(|(id, token, reason)| (id, (token, reason))).unzip();
+    async fn command_quarantine(
+        &self,
+        bad: Vec<(String, i64, String)>,
+    ) -> Result<Vec<Quarantined>> {
+        let (ids, (tokens, reasons)): (Vec<String>, (Vec<i64>, Vec<String>)) = bad
+            .into_iter()
+            .map(|(id, token, reason)| (id, (token, reason)))
+            .unzip();
         let rows = sqlx::query!(
             r#"
             UPDATE agent_commands c
@@ -167,7 +175,10 @@ impl CommandQueue {
         .await?;
         let quarantined: Vec<Quarantined> = rows
             .into_iter()
-            .map(|r| Quarantined { command_id: r.command_id, reason: r.reason })
+            .map(|r| Quarantined {
+                command_id: r.command_id,
+                reason: r.reason,
+            })
             .collect();
         for q in &quarantined {
             tracing::error!(command_id = %q.command_id, reason = %q.reason, "command quarantined: moved to failed");

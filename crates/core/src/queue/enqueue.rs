@@ -7,7 +7,7 @@ use sqlx::PgConnection;
 use super::{CommandQueue, DEFAULT_MAX_ATTEMPTS, NOTIFY_CHANNEL};
 use crate::command::{CommandId, CommandKind, MAX_PAYLOAD_BYTES};
 use crate::error::{Error, Result};
-use crate::telemetry::{add, METRICS};
+use crate::telemetry::{METRICS, add};
 
 /// A command to accept into the queue.
 #[derive(Clone, Debug)]
@@ -50,7 +50,9 @@ impl NewCommand {
         if let Some(key) = &self.idempotency_key
             && (key.is_empty() || key.len() > 255)
         {
-            return Err(Error::InvalidInput("idempotency key must be 1-255 bytes".into()));
+            return Err(Error::InvalidInput(
+                "idempotency key must be 1-255 bytes".into(),
+            ));
         }
         let size = payload.to_string().len();
         if size > MAX_PAYLOAD_BYTES {
@@ -140,7 +142,12 @@ impl CommandQueue {
         if !same {
             return Err(Error::IdempotencyConflict { key, existing });
         }
-        Ok(Enqueued { command_id: existing, seq: row.seq, created_at: row.created_at, created: false })
+        Ok(Enqueued {
+            command_id: existing,
+            seq: row.seq,
+            created_at: row.created_at,
+            created: false,
+        })
     }
 
     /// Accepts many commands in one statement (bulk paths: imports, benchmarks, the
@@ -199,8 +206,10 @@ impl CommandQueue {
         .fetch_all(&mut *conn)
         .await?;
 
-        let mut created: std::collections::HashMap<String, (i64, DateTime<Utc>)> =
-            rows.into_iter().map(|r| (r.command_id, (r.seq, r.created_at))).collect();
+        let mut created: std::collections::HashMap<String, (i64, DateTime<Utc>)> = rows
+            .into_iter()
+            .map(|r| (r.command_id, (r.seq, r.created_at)))
+            .collect();
         let mut out = Vec::with_capacity(cmds.len());
         let mut notified = std::collections::HashSet::new();
         for cmd in cmds {
@@ -209,7 +218,12 @@ impl CommandQueue {
                     if notified.insert(cmd.agent_id.as_str()) {
                         Self::notify(conn, &cmd.agent_id).await?;
                     }
-                    out.push(Enqueued { command_id: cmd.command_id.clone(), seq, created_at, created: true });
+                    out.push(Enqueued {
+                        command_id: cmd.command_id.clone(),
+                        seq,
+                        created_at,
+                        created: true,
+                    });
                 }
                 None => {
                     let key = cmd.idempotency_key.clone().unwrap_or_default();
@@ -217,7 +231,10 @@ impl CommandQueue {
                 }
             }
         }
-        add(&METRICS.commands_enqueued, out.iter().filter(|e| e.created).count() as u64);
+        add(
+            &METRICS.commands_enqueued,
+            out.iter().filter(|e| e.created).count() as u64,
+        );
         Ok(out)
     }
 

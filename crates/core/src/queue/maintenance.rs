@@ -5,10 +5,10 @@ use std::time::Duration;
 
 use sqlx::PgConnection;
 
-use super::{secs, CommandQueue};
+use super::{CommandQueue, secs};
 use crate::command::{CommandId, CommandStatus};
 use crate::error::{Error, Result};
-use crate::telemetry::{add, METRICS};
+use crate::telemetry::{METRICS, add};
 
 /// Leases given up by a closing connection.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -70,7 +70,11 @@ pub struct QueueConfig {
 
 impl Default for QueueConfig {
     fn default() -> Self {
-        Self { lease: DEFAULT_LEASE, retry_base: DEFAULT_RETRY_BASE, retry_cap: DEFAULT_RETRY_CAP }
+        Self {
+            lease: DEFAULT_LEASE,
+            retry_base: DEFAULT_RETRY_BASE,
+            retry_cap: DEFAULT_RETRY_CAP,
+        }
     }
 }
 
@@ -92,7 +96,10 @@ mod duration_ms {
 impl QueueConfig {
     fn validate(&self) -> Result<()> {
         if self.lease < Duration::from_millis(100) {
-            return Err(Error::Config(format!("queue.lease must be at least 100ms, got {:?}", self.lease)));
+            return Err(Error::Config(format!(
+                "queue.lease must be at least 100ms, got {:?}",
+                self.lease
+            )));
         }
         if self.retry_base.is_zero() || self.retry_cap < self.retry_base {
             return Err(Error::Config(format!(

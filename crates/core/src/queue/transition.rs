@@ -10,10 +10,10 @@ use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 
-use super::{secs, CommandQueue};
+use super::{CommandQueue, secs};
 use crate::command::{CommandId, CommandStatus, Lease};
 use crate::error::{Error, Result};
-use crate::telemetry::{add, METRICS};
+use crate::telemetry::{METRICS, add};
 
 /// The agent's success report for one leased command.
 #[derive(Clone, Debug)]
@@ -45,7 +45,10 @@ impl Rejection {
     pub fn into_error(self) -> Error {
         match self.current {
             None => Error::CommandNotFound(self.command_id),
-            Some(current) => Error::StaleLease { command_id: self.command_id, current },
+            Some(current) => Error::StaleLease {
+                command_id: self.command_id,
+                current,
+            },
         }
     }
 }
@@ -63,7 +66,9 @@ pub enum Outcome {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum FailureOutcome {
     /// Back to `pending`, due again at this time.
-    Retrying { next_attempt_at: DateTime<Utc> },
+    Retrying {
+        next_attempt_at: DateTime<Utc>,
+    },
     /// Final: `failed` with the reason in `error_message`.
     Failed,
     Duplicate,
@@ -122,7 +127,9 @@ impl CommandQueue {
         .fetch_all(&self.pool)
         .await?;
         let n = applied.len() as u64;
-        let out = self.classify(&leases, applied, &[CommandStatus::Completed]).await?;
+        let out = self
+            .classify(&leases, applied, &[CommandStatus::Completed])
+            .await?;
         add(&METRICS.commands_completed, n);
         Ok(out)
     }
@@ -197,7 +204,9 @@ impl CommandQueue {
         for row in rows {
             let outcome = if row.status == "pending" {
                 add(&METRICS.commands_retried, 1);
-                FailureOutcome::Retrying { next_attempt_at: row.next_attempt_at }
+                FailureOutcome::Retrying {
+                    next_attempt_at: row.next_attempt_at,
+                }
             } else {
                 add(&METRICS.commands_failed, 1);
                 FailureOutcome::Failed
@@ -205,14 +214,16 @@ impl CommandQueue {
             applied.insert(row.command_id, outcome);
         }
         let applied_ids: Vec<String> = applied.keys().cloned().collect();
-        let classified = self.classify(&leases, applied_ids, &[CommandStatus::Failed]).await?;
+        let classified = self
+            .classify(&leases, applied_ids, &[CommandStatus::Failed])
+            .await?;
         Ok(classified
             .into_iter()
             .map(|(id, outcome)| {
                 let outcome = match outcome {
-                    Outcome::Applied => {
-                        applied.remove(id.as_str()).unwrap_or(FailureOutcome::Failed)
-                    }
+                    Outcome::Applied => applied
+                        .remove(id.as_str())
+                        .unwrap_or(FailureOutcome::Failed),
                     Outcome::Duplicate => FailureOutcome::Duplicate,
                     Outcome::Rejected(r) => FailureOutcome::Rejected(r),
                 };
@@ -259,7 +270,9 @@ impl CommandQueue {
                 Outcome::Applied
             } else {
                 match current.get(id) {
-                    Some((status, token)) if done.contains(status) && *token == Some(lease.token) => {
+                    Some((status, token))
+                        if done.contains(status) && *token == Some(lease.token) =>
+                    {
                         Outcome::Duplicate
                     }
                     other => {
@@ -281,7 +294,10 @@ impl CommandQueue {
 }
 
 fn split(leases: &[Lease]) -> (Vec<String>, Vec<i64>) {
-    leases.iter().map(|l| (l.command_id.to_string(), l.token)).unzip()
+    leases
+        .iter()
+        .map(|l| (l.command_id.to_string(), l.token))
+        .unzip()
 }
 
 fn single(mut outcomes: Vec<(CommandId, Outcome)>) -> Result<()> {

@@ -4,8 +4,8 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
-use streamspace_core::queue::{ClaimParams, Completion, NewCommand};
 use streamspace_core::CommandQueue;
+use streamspace_core::queue::{ClaimParams, Completion, NewCommand};
 
 use crate::helpers::{queue, stop};
 
@@ -28,11 +28,14 @@ struct Observed {
 async fn eight_claimers_over_ten_thousand_commands_in_two_hundred_sessions() {
     let q = queue().await;
     // Round-robin over sessions so every session's commands interleave with the others'.
-    let cmds: Vec<NewCommand> =
-        (0..COMMANDS).map(|i| stop("agent-a", Some(&format!("s-{}", i % SESSIONS)))).collect();
+    let cmds: Vec<NewCommand> = (0..COMMANDS)
+        .map(|i| stop("agent-a", Some(&format!("s-{}", i % SESSIONS))))
+        .collect();
     let mut conn = q.pool().acquire().await.unwrap();
     for chunk in cmds.chunks(2_000) {
-        CommandQueue::command_enqueue_many(&mut conn, chunk).await.unwrap();
+        CommandQueue::command_enqueue_many(&mut conn, chunk)
+            .await
+            .unwrap();
     }
     drop(conn);
 
@@ -46,7 +49,11 @@ async fn eight_claimers_over_ten_thousand_commands_in_two_hundred_sessions() {
             let mut idle_rounds = 0;
             loop {
                 let batch = q
-                    .command_claim(ClaimParams { agent_id: "agent-a", owner: &owner, limit: 25 })
+                    .command_claim(ClaimParams {
+                        agent_id: "agent-a",
+                        owner: &owner,
+                        limit: 25,
+                    })
                     .await
                     .unwrap();
                 if batch.commands.is_empty() {
@@ -74,7 +81,8 @@ async fn eight_claimers_over_ten_thousand_commands_in_two_hundred_sessions() {
                             o.violations.push(format!("{id} claimed twice"));
                         }
                         if let Some(other) = o.in_flight.insert(session.clone(), id.clone()) {
-                            o.violations.push(format!("{session}: {id} claimed while {other} in flight"));
+                            o.violations
+                                .push(format!("{session}: {id} claimed while {other} in flight"));
                         }
                     }
                 }
@@ -89,7 +97,10 @@ async fn eight_claimers_over_ten_thousand_commands_in_two_hundred_sessions() {
                             let session = c.session_id.clone().unwrap();
                             o.in_flight.remove(&session);
                             o.completion_order.entry(session).or_default().push(c.seq);
-                            Completion { lease: c.lease.clone().unwrap(), result: None }
+                            Completion {
+                                lease: c.lease.clone().unwrap(),
+                                result: None,
+                            }
                         })
                         .collect()
                 };
@@ -105,10 +116,21 @@ async fn eight_claimers_over_ten_thousand_commands_in_two_hundred_sessions() {
     }
 
     let o = observed.lock().unwrap();
-    assert!(o.violations.is_empty(), "violations: {:?}", &o.violations[..o.violations.len().min(10)]);
-    assert_eq!(o.claimed.len(), COMMANDS, "every command claimed exactly once");
+    assert!(
+        o.violations.is_empty(),
+        "violations: {:?}",
+        &o.violations[..o.violations.len().min(10)]
+    );
+    assert_eq!(
+        o.claimed.len(),
+        COMMANDS,
+        "every command claimed exactly once"
+    );
     for (session, seqs) in &o.completion_order {
-        assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{session} completed out of order: {seqs:?}");
+        assert!(
+            seqs.windows(2).all(|w| w[0] < w[1]),
+            "{session} completed out of order: {seqs:?}"
+        );
     }
 
     // The database agrees: each completed once, on the first attempt, and within a session
@@ -128,7 +150,10 @@ async fn eight_claimers_over_ten_thousand_commands_in_two_hundred_sessions() {
         let (s1, q1, _, _, _, done1) = &pair[0];
         let (s2, q2, _, _, sent2, _) = &pair[1];
         if s1 == s2 {
-            assert!(done1 <= sent2, "{s1}: seq {q2} sent at {sent2} before seq {q1} completed at {done1}");
+            assert!(
+                done1 <= sent2,
+                "{s1}: seq {q2} sent at {sent2} before seq {q1} completed at {done1}"
+            );
         }
     }
 }

@@ -31,16 +31,28 @@ pub async fn add_agent(pool: &PgPool, agent_id: &str) {
 }
 
 pub fn stop(agent: &str, session: Option<&str>) -> NewCommand {
-    NewCommand::new(agent, session.map(str::to_owned), CommandKind::StopSession(StopSession::default()))
+    NewCommand::new(
+        agent,
+        session.map(str::to_owned),
+        CommandKind::StopSession(StopSession::default()),
+    )
 }
 
 pub async fn enqueue(q: &CommandQueue, cmd: &NewCommand) {
     let mut conn = q.pool().acquire().await.expect("connection");
-    CommandQueue::command_enqueue(&mut conn, cmd).await.expect("enqueue");
+    CommandQueue::command_enqueue(&mut conn, cmd)
+        .await
+        .expect("enqueue");
 }
 
 pub async fn claim(q: &CommandQueue, agent: &str, owner: &str, limit: i64) -> ClaimBatch {
-    q.command_claim(ClaimParams { agent_id: agent, owner, limit }).await.expect("claim")
+    q.command_claim(ClaimParams {
+        agent_id: agent,
+        owner,
+        limit,
+    })
+    .await
+    .expect("claim")
 }
 
 pub async fn status_of(q: &CommandQueue, id: &str) -> (String, Option<String>) {

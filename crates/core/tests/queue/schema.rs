@@ -1,22 +1,31 @@
 //! Start-up schema checks.
 
-use streamspace_core::db::{self, SchemaPolicy};
 use streamspace_core::Error;
+use streamspace_core::db::{self, SchemaPolicy};
 
 #[tokio::test]
 async fn empty_database_is_refused_naming_the_missing_migration() {
     let url = streamspace_devpg::testdb::empty_database_url().await;
     let pool = sqlx::PgPool::connect(&url).await.unwrap();
 
-    let err = db::ensure_schema(&pool, SchemaPolicy::Require).await.unwrap_err();
+    let err = db::ensure_schema(&pool, SchemaPolicy::Require)
+        .await
+        .unwrap_err();
     assert!(matches!(err, Error::MigrationsPending { .. }), "{err:?}");
     let msg = err.to_string();
     let first = db::MIGRATOR.iter().next().unwrap();
-    assert!(msg.contains(&first.version.to_string()), "names the migration: {msg}");
+    assert!(
+        msg.contains(&first.version.to_string()),
+        "names the migration: {msg}"
+    );
     assert!(msg.contains("--migrate"), "says how to fix it: {msg}");
 
-    db::ensure_schema(&pool, SchemaPolicy::Migrate).await.expect("explicit migrate applies");
-    db::ensure_schema(&pool, SchemaPolicy::Require).await.expect("now current");
+    db::ensure_schema(&pool, SchemaPolicy::Migrate)
+        .await
+        .expect("explicit migrate applies");
+    db::ensure_schema(&pool, SchemaPolicy::Require)
+        .await
+        .expect("now current");
     assert!(db::pending_migrations(&pool).await.unwrap().is_empty());
 }
 
@@ -24,7 +33,12 @@ async fn empty_database_is_refused_naming_the_missing_migration() {
 async fn a_changed_migration_is_an_error_not_a_guess() {
     let url = streamspace_devpg::testdb::fresh_database_url(&db::MIGRATOR).await;
     let pool = sqlx::PgPool::connect(&url).await.unwrap();
-    sqlx::query("UPDATE _sqlx_migrations SET checksum = '\\x00'::bytea").execute(&pool).await.unwrap();
-    let err = db::ensure_schema(&pool, SchemaPolicy::Require).await.unwrap_err();
+    sqlx::query("UPDATE _sqlx_migrations SET checksum = '\\x00'::bytea")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let err = db::ensure_schema(&pool, SchemaPolicy::Require)
+        .await
+        .unwrap_err();
     assert!(matches!(err, Error::MigrationChanged { .. }), "{err:?}");
 }

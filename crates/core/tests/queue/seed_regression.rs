@@ -19,10 +19,12 @@ async fn rows_written_by_plain_sql_with_every_optional_column_null_are_delivered
     .execute(q.pool())
     .await
     .unwrap();
-    sqlx::query("INSERT INTO agent_commands (agent_id, action) VALUES ('agent-a', 'hibernate_session')")
-        .execute(q.pool())
-        .await
-        .unwrap();
+    sqlx::query(
+        "INSERT INTO agent_commands (agent_id, action) VALUES ('agent-a', 'hibernate_session')",
+    )
+    .execute(q.pool())
+    .await
+    .unwrap();
 
     // The seed report's own query runs unchanged and shows what the report expected.
     let (command_id, session_id, action, status, error_message): (
@@ -42,8 +44,20 @@ async fn rows_written_by_plain_sql_with_every_optional_column_null_are_delivered
     .await
     .unwrap();
     assert_eq!(
-        (command_id.as_str(), session_id.as_deref(), action.as_str(), status.as_str(), error_message),
-        ("cmd-26acdfcf", Some("admin-firefox-browser-1edf5ee9"), "stop_session", "pending", None)
+        (
+            command_id.as_str(),
+            session_id.as_deref(),
+            action.as_str(),
+            status.as_str(),
+            error_message
+        ),
+        (
+            "cmd-26acdfcf",
+            Some("admin-firefox-browser-1edf5ee9"),
+            "stop_session",
+            "pending",
+            None
+        )
     );
     let nulls: (bool,) = sqlx::query_as(
         "SELECT bool_and(error_message IS NULL AND result IS NULL AND sent_at IS NULL
@@ -63,10 +77,23 @@ async fn rows_written_by_plain_sql_with_every_optional_column_null_are_delivered
     let got: Vec<(String, Option<String>, Action)> = batch
         .commands
         .iter()
-        .map(|c| (c.command_id.to_string(), c.session_id.clone(), c.kind.action()))
+        .map(|c| {
+            (
+                c.command_id.to_string(),
+                c.session_id.clone(),
+                c.kind.action(),
+            )
+        })
         .collect();
     assert_eq!(got.len(), 2, "both rows delivered: {got:?}");
-    assert_eq!(got[0], ("cmd-26acdfcf".into(), Some("admin-firefox-browser-1edf5ee9".into()), Action::StopSession));
+    assert_eq!(
+        got[0],
+        (
+            "cmd-26acdfcf".into(),
+            Some("admin-firefox-browser-1edf5ee9".into()),
+            Action::StopSession
+        )
+    );
     assert_eq!(got[1].1, None, "NULL session_id is ordinary data");
     assert_eq!(got[1].2, Action::HibernateSession);
     assert!(batch.commands.iter().all(|c| c.lease.is_some()));
@@ -77,8 +104,8 @@ async fn an_undecodable_row_is_quarantined_and_the_rows_behind_it_still_flow() {
     let q = queue().await;
     let before = METRICS.commands_quarantined.load(Ordering::Relaxed);
     for (session, action, payload) in [
-        ("s-1", "reboot_cluster", "{}"),                  // unknown action
-        ("s-1", "stop_session", "{}"),                    // same session, behind it
+        ("s-1", "reboot_cluster", "{}"),                 // unknown action
+        ("s-1", "stop_session", "{}"),                   // same session, behind it
         ("s-2", "start_session", r#"{"template": 42}"#), // known action, bad payload
         ("s-3", "wake_session", "{}"),
     ] {
@@ -92,10 +119,24 @@ async fn an_undecodable_row_is_quarantined_and_the_rows_behind_it_still_flow() {
     }
 
     let first = claim(&q, "agent-a", "conn-1", 10).await;
-    let reasons: Vec<&str> = first.quarantined.iter().map(|x| x.reason.as_str()).collect();
+    let reasons: Vec<&str> = first
+        .quarantined
+        .iter()
+        .map(|x| x.reason.as_str())
+        .collect();
     assert_eq!(first.quarantined.len(), 2, "{reasons:?}");
-    assert!(reasons.iter().any(|r| r.contains("unknown action \"reboot_cluster\"")), "{reasons:?}");
-    assert!(reasons.iter().any(|r| r.contains("invalid payload for start_session")), "{reasons:?}");
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("unknown action \"reboot_cluster\"")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("invalid payload for start_session")),
+        "{reasons:?}"
+    );
     assert!(METRICS.commands_quarantined.load(Ordering::Relaxed) >= before + 2);
     for bad in &first.quarantined {
         let (status, error) = status_of(&q, &bad.command_id).await;
@@ -103,11 +144,17 @@ async fn an_undecodable_row_is_quarantined_and_the_rows_behind_it_still_flow() {
         assert_eq!(error.as_deref(), Some(bad.reason.as_str()));
     }
     assert_eq!(first.commands.len(), 1);
-    assert!(matches!(first.commands[0].kind, CommandKind::WakeSession(_)));
+    assert!(matches!(
+        first.commands[0].kind,
+        CommandKind::WakeSession(_)
+    ));
 
     // The quarantined row is terminal, so its session's next command is deliverable.
     let second = claim(&q, "agent-a", "conn-1", 10).await;
     assert_eq!(second.commands.len(), 1);
     assert_eq!(second.commands[0].session_id.as_deref(), Some("s-1"));
-    assert!(matches!(second.commands[0].kind, CommandKind::StopSession(_)));
+    assert!(matches!(
+        second.commands[0].kind,
+        CommandKind::StopSession(_)
+    ));
 }
