@@ -13,6 +13,9 @@ const COMMANDS: usize = 10_000;
 const SESSIONS: usize = 200;
 const CLAIMERS: usize = 8;
 
+/// `(session_id, seq, status, attempts, sent_at, completed_at)`
+type Row = (String, i64, String, i32, DateTime<Utc>, DateTime<Utc>);
+
 #[derive(Default)]
 struct Observed {
     /// Session → command currently held by some claimer (between claim and complete).
@@ -115,7 +118,7 @@ async fn eight_claimers_over_ten_thousand_commands_in_two_hundred_sessions() {
         c.await.unwrap();
     }
 
-    let o = observed.lock().unwrap();
+    let o = std::mem::take(&mut *observed.lock().unwrap());
     assert!(
         o.violations.is_empty(),
         "violations: {:?}",
@@ -135,7 +138,7 @@ async fn eight_claimers_over_ten_thousand_commands_in_two_hundred_sessions() {
 
     // The database agrees: each completed once, on the first attempt, and within a session
     // every command was sent only after the one before it had completed.
-    let rows: Vec<(String, i64, String, i32, DateTime<Utc>, DateTime<Utc>)> = sqlx::query_as(
+    let rows: Vec<Row> = sqlx::query_as(
         "SELECT session_id, seq, status, attempts, sent_at, completed_at
          FROM agent_commands ORDER BY session_id, seq",
     )
