@@ -8,7 +8,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = ["streamspace/agent/v1/agent.proto"];
     let fds = protox::compile(files, [&root])?;
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
-    std::fs::write(out.join("streamspace_descriptor.bin"), prost::Message::encode_to_vec(&fds))?;
+    std::fs::write(
+        out.join("streamspace_descriptor.bin"),
+        prost::Message::encode_to_vec(&fds),
+    )?;
     // `build_transport(false)`: the RPC is named `Connect`, which would clash with the
     // generated `AgentServiceClient::connect` constructor; clients use `new(channel)`.
     tonic_prost_build::configure()

@@ -1,7 +1,42 @@
-//! The StreamSpace command-dispatcher.
-//! Its delivery path lands with the delivery-path issue.
+//! `streamspace-command-dispatcher`: parse flags and configuration, start telemetry, build
+//! the app, run until SIGINT/SIGTERM.
 #![forbid(unsafe_code)]
 
-fn main() -> anyhow::Result<()> {
-    anyhow::bail!("the command-dispatcher is not implemented yet (see the delivery-path issue)")
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use streamspace_command_dispatcher::{App, DispatcherConfig};
+use streamspace_core::db::SchemaPolicy;
+
+#[derive(Debug, Parser)]
+#[command(
+    version,
+    about = "StreamSpace command-dispatcher: delivers queued commands to agents"
+)]
+struct Flags {
+    /// TOML configuration file (settings may also come from STREAMSPACE_* variables).
+    #[arg(long, env = "STREAMSPACE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Apply pending database migrations at start-up instead of refusing to start.
+    #[arg(long)]
+    migrate: bool,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let flags = Flags::parse();
+    let config: DispatcherConfig =
+        streamspace_core::config::load(flags.config.as_deref()).context("loading configuration")?;
+    streamspace_core::telemetry::init_tracing("info", config.log_json);
+    let policy = if flags.migrate {
+        SchemaPolicy::Migrate
+    } else {
+        SchemaPolicy::Require
+    };
+    let app = App::build(config, policy).await?;
+    tracing::info!(grpc = %app.grpc_addr(), "command-dispatcher listening");
+    app.run_until_stopped(streamspace_command_dispatcher::shutdown_signal())
+        .await?;
+    Ok(())
 }

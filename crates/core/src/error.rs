@@ -51,6 +51,14 @@ pub enum Error {
     #[error("idempotency key {key:?} was already used for a different command ({existing})")]
     IdempotencyConflict { key: String, existing: CommandId },
 
+    /// Something named by the caller does not exist.
+    #[error("{0} not found")]
+    NotFound(String),
+
+    /// The request conflicts with what exists (e.g. a duplicate id).
+    #[error("conflict: {0}")]
+    Conflict(String),
+
     /// Input that the caller must fix.
     #[error("invalid input: {0}")]
     InvalidInput(String),

@@ -6,11 +6,13 @@
 //! here and is checked at compile time against `migrations/`.
 #![forbid(unsafe_code)]
 
+pub mod agents;
 pub mod command;
 pub mod config;
 pub mod db;
 pub mod error;
 pub mod queue;
+pub mod sessions;
 pub mod telemetry;
 
 pub use command::{Action, Command, CommandId, CommandKind, CommandStatus};

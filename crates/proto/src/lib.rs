@@ -14,4 +14,5 @@ pub mod agent {
 }
 
 /// Encoded descriptors of every service, for gRPC reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("streamspace_descriptor");
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    tonic::include_file_descriptor_set!("streamspace_descriptor");

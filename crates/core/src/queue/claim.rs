@@ -16,6 +16,9 @@ pub struct ClaimParams<'a> {
     pub owner: &'a str,
     /// At most this many commands (the free part of the agent's in-flight window).
     pub limit: i64,
+    /// When set, claim only while this is still the agent's current connection epoch, so
+    /// a superseded connection can never take new work.
+    pub epoch: Option<i64>,
 }
 
 /// A row that was claimed but could not be decoded. It is already `failed`, with the
@@ -99,6 +102,9 @@ impl CommandQueue {
                   AND c.status = 'pending'
                   AND c.next_attempt_at <= now()
                   AND (c.expires_at IS NULL OR c.expires_at > now())
+                  AND ($5::int8 IS NULL OR EXISTS (
+                      SELECT 1 FROM agents a
+                      WHERE a.agent_id = $1 AND a.connection_epoch = $5))
                   AND NOT EXISTS (
                       SELECT 1 FROM agent_commands e
                       WHERE e.session_id = c.session_id
@@ -129,6 +135,7 @@ impl CommandQueue {
             params.limit,
             params.owner,
             secs(self.config.lease),
+            params.epoch,
         )
         .fetch_all(&self.pool)
         .await?;

@@ -64,6 +64,32 @@ impl CommandQueue {
         Ok(released)
     }
 
+    /// Returns the leases of `agent_id` held by any owner other than `keep_owner`: a new
+    /// connection of the agent supersedes every older one, wherever it was held.
+    pub async fn command_release_agent_except(
+        &self,
+        agent_id: &str,
+        keep_owner: &str,
+    ) -> Result<Released> {
+        let owners = sqlx::query_scalar!(
+            r#"
+            SELECT DISTINCT lease_owner AS "lease_owner!" FROM agent_commands
+            WHERE agent_id = $1 AND status IN ('sent', 'ack') AND lease_owner <> $2
+            "#,
+            agent_id,
+            keep_owner,
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut all = Released::default();
+        for owner in owners {
+            let r = self.command_release_owner(&owner).await?;
+            all.requeued.extend(r.requeued);
+            all.failed.extend(r.failed);
+        }
+        Ok(all)
+    }
+
     /// Extends every lease `owner` holds by the configured lease length; called while the
     /// connection is alive (on heartbeats). Returns how many leases were extended.
     pub async fn command_lease_extend(&self, owner: &str) -> Result<u64> {

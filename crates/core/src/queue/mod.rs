@@ -21,6 +21,7 @@
 mod claim;
 mod enqueue;
 mod maintenance;
+mod notify;
 mod record;
 mod transition;
 
@@ -33,6 +34,7 @@ use crate::error::{Error, Result};
 pub use claim::{ClaimBatch, ClaimParams, Quarantined};
 pub use enqueue::{Enqueued, NewCommand};
 pub use maintenance::{Released, Rescued};
+pub use notify::{CommandListener, Wakeup};
 pub use record::CommandRecord;
 pub use transition::{Completion, Failure, FailureOutcome, Outcome, Rejection};
 

@@ -56,6 +56,7 @@ async fn eight_claimers_over_ten_thousand_commands_in_two_hundred_sessions() {
                         agent_id: "agent-a",
                         owner: &owner,
                         limit: 25,
+                        epoch: None,
                     })
                     .await
                     .unwrap();

@@ -50,6 +50,7 @@ pub async fn claim(q: &CommandQueue, agent: &str, owner: &str, limit: i64) -> Cl
         agent_id: agent,
         owner,
         limit,
+        epoch: None,
     })
     .await
     .expect("claim")

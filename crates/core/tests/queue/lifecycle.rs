@@ -316,6 +316,7 @@ async fn bad_input_is_refused_before_anything_is_written() {
             agent_id: "agent-a",
             owner: "c",
             limit: 0,
+            epoch: None,
         })
         .await
         .unwrap_err();

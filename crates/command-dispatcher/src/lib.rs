@@ -1,0 +1,188 @@
+//! The command-dispatcher: holds one gRPC stream per connected agent, delivers the
+//! agent's deliverable commands from the Postgres queue, and turns acks, results,
+//! heartbeats and session reports into fenced state transitions.
+//!
+//! Several replicas may run against one database: each delivers only for the agents
+//! connected to it, and the queue's leases make concurrent delivery impossible.
+#![forbid(unsafe_code)]
+
+mod auth;
+mod config;
+mod connection;
+mod convert;
+mod maintenance;
+mod registry;
+mod service;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use streamspace_core::CommandQueue;
+use streamspace_core::db::{self, SchemaPolicy};
+use streamspace_core::queue::{CommandListener, Wakeup};
+use streamspace_proto::agent::v1::agent_service_server::AgentServiceServer;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+
+pub use config::{DispatcherConfig, MaintenanceConfig};
+pub use maintenance::{CommandPruner, LeaseRescuer};
+
+use registry::Registry;
+
+/// Shared state of one dispatcher replica.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub config: DispatcherConfig,
+    pub queue: CommandQueue,
+    pub registry: Registry,
+    /// Flips to `true` once shutdown begins: connections stop claiming and close.
+    pub shutdown: watch::Receiver<bool>,
+}
+
+/// A built dispatcher, bound to its address, not yet serving.
+#[derive(Debug)]
+pub struct App {
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    addr: SocketAddr,
+    shutdown_tx: watch::Sender<bool>,
+}
+
+impl App {
+    /// Connects to the database, checks the schema (or migrates, per `policy`) and binds
+    /// the gRPC listener.
+    pub async fn build(config: DispatcherConfig, policy: SchemaPolicy) -> anyhow::Result<Self> {
+        config
+            .validate()
+            .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+        let pool = db::connect(&config.database)
+            .await
+            .context("connecting to the database")?;
+        db::ensure_schema(&pool, policy).await?;
+        let queue = CommandQueue::new(pool, config.queue.clone())?;
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("binding {}", config.listen))?;
+        let addr = listener.local_addr()?;
+        let (shutdown_tx, shutdown) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            config,
+            queue,
+            registry: Registry::default(),
+            shutdown,
+        });
+        Ok(Self {
+            shared,
+            listener,
+            addr,
+            shutdown_tx,
+        })
+    }
+
+    /// The bound gRPC address (useful when configured with port 0).
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Serves until `stop` resolves, then shuts down in order: report NOT_SERVING, stop
+    /// claiming, release every lease, close the streams (agents reconnect elsewhere).
+    pub async fn run_until_stopped(
+        self,
+        stop: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let Self {
+            shared,
+            listener,
+            shutdown_tx,
+            ..
+        } = self;
+        let (health_reporter, health_service) = tonic_health::server::health_reporter();
+        health_reporter
+            .set_serving::<AgentServiceServer<service::AgentServiceImpl>>()
+            .await;
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(streamspace_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .context("building gRPC reflection")?;
+
+        let max = shared.config.max_message_bytes;
+        let agents = AgentServiceServer::new(service::AgentServiceImpl::new(shared.clone()))
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max);
+
+        let background = [
+            tokio::spawn(wake_on_notify(shared.clone())),
+            tokio::spawn(LeaseRescuer::new(shared.clone()).run()),
+            tokio::spawn(CommandPruner::new(shared.clone()).run()),
+        ];
+
+        let mut shutdown_rx = shared.shutdown.clone();
+        let stopping = async move {
+            stop.await;
+            tracing::info!("shutting down: no new claims, releasing leases, closing agent streams");
+            health_reporter
+                .set_not_serving::<AgentServiceServer<service::AgentServiceImpl>>()
+                .await;
+            let _ = shutdown_tx.send(true);
+        };
+        tokio::spawn(stopping);
+        let server_done = async move {
+            let _ = shutdown_rx.wait_for(|s| *s).await;
+        };
+
+        let result = tonic::transport::Server::builder()
+            // Long-lived streams: detect dead peers at the HTTP/2 layer as well.
+            .http2_keepalive_interval(Some(shared.config.heartbeat_interval()))
+            .http2_keepalive_timeout(Some(shared.config.heartbeat_interval()))
+            .tcp_keepalive(Some(std::time::Duration::from_secs(30)))
+            .tcp_nodelay(true)
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(agents)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), server_done)
+            .await;
+        for task in background {
+            task.abort();
+        }
+        result.context("gRPC server")?;
+        tracing::info!("command-dispatcher stopped");
+        Ok(())
+    }
+}
+
+/// Routes queue notifications to the connections they concern; after the listener
+/// (re)connects, wakes every connection, since notifications may have been missed.
+async fn wake_on_notify(shared: Arc<Shared>) {
+    let mut listener = CommandListener::new(shared.queue.pool().clone());
+    loop {
+        match listener.recv().await {
+            Wakeup::Agent(agent_id) => shared.registry.wake(&agent_id),
+            Wakeup::Resync => shared.registry.wake_all(),
+        }
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}

@@ -1,0 +1,44 @@
+//! The `AgentService` gRPC implementation: authenticates, then hands the stream to a
+//! [`crate::connection::Connection`].
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures_util::Stream;
+use streamspace_proto::agent::v1 as pb;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::{Shared, auth, connection};
+
+#[derive(Debug)]
+pub struct AgentServiceImpl {
+    shared: Arc<Shared>,
+}
+
+impl AgentServiceImpl {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Self { shared }
+    }
+}
+
+type OutboundStream = Pin<Box<dyn Stream<Item = Result<pb::DispatcherMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::agent_service_server::AgentService for AgentServiceImpl {
+    type ConnectStream = OutboundStream;
+
+    async fn connect(
+        &self,
+        request: Request<Streaming<pb::AgentMessage>>,
+    ) -> Result<Response<Self::ConnectStream>, Status> {
+        if *self.shared.shutdown.borrow() {
+            return Err(Status::unavailable(
+                "dispatcher is shutting down; connect elsewhere",
+            ));
+        }
+        let identity = auth::authenticate(&self.shared, request.metadata()).await?;
+        let inbound = request.into_inner();
+        let outbound = connection::accept(self.shared.clone(), identity, inbound).await?;
+        Ok(Response::new(Box::pin(outbound)))
+    }
+}

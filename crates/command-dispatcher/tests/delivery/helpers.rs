@@ -1,0 +1,306 @@
+//! Test harness: a dispatcher on a fresh database, registered agents, and a raw protocol
+//! client for edge cases the real agent never produces.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use sqlx::PgPool;
+use streamspace_command_dispatcher::{App, DispatcherConfig};
+use streamspace_core::CommandQueue;
+use streamspace_core::agents::{self, NewAgent};
+use streamspace_core::config::Secret;
+use streamspace_core::db::{self, SchemaPolicy};
+use streamspace_core::queue::{NewCommand, QueueConfig};
+use streamspace_proto::agent::v1::{self as pb, agent_message::Msg, dispatcher_message};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+
+/// A dispatcher running in this process.
+pub struct TestDispatcher {
+    pub addr: SocketAddr,
+    pub pool: PgPool,
+    pub queue: CommandQueue,
+    pub config: DispatcherConfig,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+/// Fast liveness settings so tests about silence finish quickly.
+pub fn fast_config(url: &str) -> DispatcherConfig {
+    DispatcherConfig {
+        database: streamspace_core::config::DatabaseConfig {
+            url: Secret::new(url.to_owned()),
+            max_connections: 20,
+            ..Default::default()
+        },
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        heartbeat_interval_ms: 200,
+        offline_after_ms: 600,
+        poll_interval_ms: 200,
+        queue: QueueConfig {
+            lease: Duration::from_secs(5),
+            ..QueueConfig::default()
+        },
+        ..DispatcherConfig::default()
+    }
+}
+
+impl TestDispatcher {
+    /// A dispatcher on a fresh database.
+    pub async fn start() -> Self {
+        let url = streamspace_devpg::testdb::fresh_database_url(&db::MIGRATOR).await;
+        Self::start_with(fast_config(&url)).await
+    }
+
+    pub async fn start_with(config: DispatcherConfig) -> Self {
+        let app = App::build(config.clone(), SchemaPolicy::Require)
+            .await
+            .expect("dispatcher builds");
+        let addr = app.grpc_addr();
+        let pool = sqlx::PgPool::connect(config.database.url.expose())
+            .await
+            .unwrap();
+        let queue = CommandQueue::new(pool.clone(), config.queue.clone()).unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(app.run_until_stopped(async move {
+            let _ = stopped.await;
+        }));
+        Self {
+            addr,
+            pool,
+            queue,
+            config,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Graceful shutdown; waits until the server has stopped.
+    pub async fn shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await
+                .expect("dispatcher task")
+                .expect("dispatcher stopped cleanly");
+        }
+    }
+
+    /// Registers an agent and returns its credential.
+    pub async fn agent(&self, agent_id: &str) -> String {
+        register_agent(&self.pool, agent_id).await
+    }
+
+    pub async fn enqueue(&self, cmds: &[NewCommand]) {
+        let mut conn = self.pool.acquire().await.unwrap();
+        CommandQueue::command_enqueue_many(&mut conn, cmds)
+            .await
+            .unwrap();
+    }
+
+    pub async fn statuses(&self, ids: &[String]) -> Vec<String> {
+        let mut out = Vec::new();
+        for id in ids {
+            let s: (String,) =
+                sqlx::query_as("SELECT status FROM agent_commands WHERE command_id = $1")
+                    .bind(id)
+                    .fetch_one(&self.pool)
+                    .await
+                    .unwrap();
+            out.push(s.0);
+        }
+        out
+    }
+
+    pub async fn agent_online(&self, agent_id: &str) -> bool {
+        agents::agent_get(&self.pool, agent_id, self.config.offline_after())
+            .await
+            .unwrap()
+            .is_some_and(|a| a.online)
+    }
+}
+
+pub async fn register_agent(pool: &PgPool, agent_id: &str) -> String {
+    agents::agent_create(
+        pool,
+        &NewAgent {
+            agent_id: agent_id.into(),
+            cluster: "default".into(),
+            region: "default".into(),
+            max_sessions: None,
+        },
+    )
+    .await
+    .unwrap();
+    agents::credential_issue(pool, agent_id)
+        .await
+        .unwrap()
+        .token
+        .expose()
+        .clone()
+}
+
+/// Polls `f` until it yields `Some`, failing the test after `limit`.
+pub async fn eventually<T, F, Fut>(what: &str, limit: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub async fn channel(url: &str) -> Channel {
+    Endpoint::from_shared(url.to_owned())
+        .unwrap()
+        .connect()
+        .await
+        .expect("connect to dispatcher")
+}
+
+/// A raw protocol client: sends exactly what a test tells it to.
+pub struct RawAgent {
+    pub tx: mpsc::Sender<pb::AgentMessage>,
+    pub rx: tonic::Streaming<pb::DispatcherMessage>,
+    pub welcome: pb::Welcome,
+}
+
+pub fn hello(sessions: Vec<pb::SessionObservation>) -> pb::AgentMessage {
+    pb::AgentMessage {
+        msg: Some(Msg::Hello(pb::Hello {
+            agent_version: "test".into(),
+            protocol_version: pb::PROTOCOL_VERSION,
+            capabilities: vec![],
+            sessions,
+            runtime: "raw".into(),
+        })),
+    }
+}
+
+/// Opens a Connect stream with `token` and sends `first`; returns the call's result.
+pub async fn open(
+    url: &str,
+    token: Option<&str>,
+    first: pb::AgentMessage,
+) -> Result<
+    (
+        mpsc::Sender<pb::AgentMessage>,
+        tonic::Streaming<pb::DispatcherMessage>,
+    ),
+    tonic::Status,
+> {
+    let (tx, rx) = mpsc::channel(1024);
+    tx.send(first).await.unwrap();
+    let mut request = tonic::Request::new(ReceiverStream::new(rx));
+    if let Some(token) = token {
+        request
+            .metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    }
+    let mut client = pb::agent_service_client::AgentServiceClient::new(channel(url).await);
+    let response = client.connect(request).await?;
+    Ok((tx, response.into_inner()))
+}
+
+impl RawAgent {
+    pub async fn connect(url: &str, token: &str) -> Self {
+        let (tx, mut rx) = open(url, Some(token), hello(vec![]))
+            .await
+            .expect("connect");
+        let welcome = match rx
+            .message()
+            .await
+            .expect("welcome")
+            .expect("stream open")
+            .msg
+        {
+            Some(dispatcher_message::Msg::Welcome(w)) => w,
+            other => panic!("expected Welcome, got {other:?}"),
+        };
+        Self { tx, rx, welcome }
+    }
+
+    /// The next pushed command, failing after `limit`.
+    pub async fn next_command(&mut self, limit: Duration) -> pb::Command {
+        loop {
+            let msg = tokio::time::timeout(limit, self.rx.message())
+                .await
+                .expect("a command within the limit")
+                .expect("stream healthy")
+                .expect("stream open");
+            if let Some(dispatcher_message::Msg::Command(c)) = msg.msg {
+                return c;
+            }
+        }
+    }
+
+    /// Whether a command arrives within `limit` (`None`: none did).
+    pub async fn maybe_command(&mut self, limit: Duration) -> Option<pb::Command> {
+        match tokio::time::timeout(limit, self.rx.message()).await {
+            Ok(Ok(Some(pb::DispatcherMessage {
+                msg: Some(dispatcher_message::Msg::Command(c)),
+            }))) => Some(c),
+            _ => None,
+        }
+    }
+
+    pub async fn send(&self, msg: Msg) {
+        self.tx
+            .send(pb::AgentMessage { msg: Some(msg) })
+            .await
+            .expect("stream open");
+    }
+
+    pub async fn ack(&self, c: &pb::Command) {
+        self.send(Msg::Ack(pb::Ack {
+            command_id: c.command_id.clone(),
+            lease_token: c.lease_token,
+        }))
+        .await;
+    }
+
+    pub async fn complete(&self, c: &pb::Command) {
+        self.send(Msg::Result(pb::CommandResult {
+            command_id: c.command_id.clone(),
+            lease_token: c.lease_token,
+            outcome: Some(pb::command_result::Outcome::Completed(pb::Completed {
+                session: None,
+            })),
+        }))
+        .await;
+    }
+
+    pub async fn heartbeat(&self) {
+        self.send(Msg::Heartbeat(pb::Heartbeat {
+            sessions: vec![],
+            commands_in_progress: 0,
+        }))
+        .await;
+    }
+
+    /// Waits until the dispatcher closes the stream (or `limit` passes).
+    pub async fn closed_within(&mut self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, self.rx.message()).await {
+                Err(_) => return false,
+                Ok(Ok(Some(_))) => continue,
+                Ok(Ok(None)) | Ok(Err(_)) => return true,
+            }
+        }
+    }
+}

@@ -1,0 +1,303 @@
+//! Protocol-level behaviour, driven by a raw client.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use streamspace_core::command::{CommandKind, StopSession};
+use streamspace_core::queue::NewCommand;
+use streamspace_proto::agent::v1::{self as pb, agent_message::Msg};
+
+use crate::helpers::{RawAgent, TestDispatcher, eventually, hello, open};
+
+const LIMIT: Duration = Duration::from_secs(10);
+
+fn stop(agent: &str, session: &str) -> NewCommand {
+    NewCommand::new(
+        agent,
+        Some(session.into()),
+        CommandKind::StopSession(StopSession::default()),
+    )
+}
+
+#[tokio::test]
+async fn missing_wrong_and_revoked_credentials_are_rejected() {
+    let d = TestDispatcher::start().await;
+    let token = d.agent("agent-a").await;
+
+    let err = open(&d.url(), None, hello(vec![]))
+        .await
+        .expect_err("no credential refused");
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    let err = open(&d.url(), Some("ssa_0000"), hello(vec![]))
+        .await
+        .expect_err("wrong refused");
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    assert!(
+        err.message().contains("unknown or revoked"),
+        "{}",
+        err.message()
+    );
+
+    let cred: (String,) = sqlx::query_as("SELECT credential_id FROM agent_credentials")
+        .fetch_one(&d.pool)
+        .await
+        .unwrap();
+    streamspace_core::agents::credential_revoke(&d.pool, "agent-a", &cred.0)
+        .await
+        .unwrap();
+    let err = open(&d.url(), Some(&token), hello(vec![]))
+        .await
+        .expect_err("revoked refused");
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+}
+
+#[tokio::test]
+async fn the_first_message_must_be_hello_with_a_known_protocol_version() {
+    let d = TestDispatcher::start().await;
+    let token = d.agent("agent-a").await;
+    let heartbeat = pb::AgentMessage {
+        msg: Some(Msg::Heartbeat(pb::Heartbeat::default())),
+    };
+    let err = open(&d.url(), Some(&token), heartbeat)
+        .await
+        .expect_err("refused");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+
+    let mut future = hello(vec![]);
+    if let Some(Msg::Hello(h)) = future.msg.as_mut() {
+        h.protocol_version = 99;
+    }
+    let err = open(&d.url(), Some(&token), future)
+        .await
+        .expect_err("refused");
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    assert!(err.message().contains("99"), "{}", err.message());
+}
+
+#[tokio::test]
+async fn a_backlog_queued_while_offline_is_delivered_on_connect_in_per_session_order() {
+    let d = TestDispatcher::start().await;
+    let token = d.agent("agent-a").await;
+    // 60 commands over 6 sessions, accepted while no agent is connected.
+    let cmds: Vec<NewCommand> = (0..60)
+        .map(|i| stop("agent-a", &format!("s-{}", i % 6)))
+        .collect();
+    d.enqueue(&cmds).await;
+    let expected: HashMap<String, Vec<String>> = cmds.iter().fold(HashMap::new(), |mut m, c| {
+        m.entry(c.session_id.clone().unwrap())
+            .or_default()
+            .push(c.command_id.to_string());
+        m
+    });
+
+    let mut agent = RawAgent::connect(&d.url(), &token).await;
+    let mut received: HashMap<String, Vec<String>> = HashMap::new();
+    let mut outstanding: HashMap<String, String> = HashMap::new();
+    for _ in 0..60 {
+        let c = agent.next_command(LIMIT).await;
+        let session = c.session_id.clone().unwrap();
+        assert!(
+            outstanding
+                .insert(session.clone(), c.command_id.clone())
+                .is_none(),
+            "two commands of {session} outstanding at once"
+        );
+        received
+            .entry(session.clone())
+            .or_default()
+            .push(c.command_id.clone());
+        agent.ack(&c).await;
+        agent.complete(&c).await;
+        outstanding.remove(&session);
+    }
+    assert_eq!(
+        received, expected,
+        "every command, each session in acceptance order"
+    );
+    let ids: Vec<String> = cmds.iter().map(|c| c.command_id.to_string()).collect();
+    let statuses = eventually("all completed", LIMIT, || async {
+        let s = d.statuses(&ids).await;
+        s.iter().all(|x| x == "completed").then_some(s)
+    })
+    .await;
+    assert_eq!(statuses.len(), 60);
+}
+
+#[tokio::test]
+async fn an_agent_only_ever_receives_its_own_commands() {
+    let d = TestDispatcher::start().await;
+    let token_a = d.agent("agent-a").await;
+    let _token_b = d.agent("agent-b").await;
+    let for_b: Vec<NewCommand> = (0..5).map(|i| stop("agent-b", &format!("b-{i}"))).collect();
+    let for_a = stop("agent-a", "a-1");
+    d.enqueue(&for_b).await;
+    d.enqueue(std::slice::from_ref(&for_a)).await;
+
+    let mut a = RawAgent::connect(&d.url(), &token_a).await;
+    assert_eq!(
+        a.welcome.agent_id, "agent-a",
+        "identity comes from the credential"
+    );
+    let c = a.next_command(LIMIT).await;
+    assert_eq!(c.command_id, for_a.command_id.to_string());
+    a.ack(&c).await;
+    a.complete(&c).await;
+    assert!(
+        a.maybe_command(Duration::from_millis(800)).await.is_none(),
+        "nothing of agent-b's"
+    );
+    let statuses = d
+        .statuses(
+            &for_b
+                .iter()
+                .map(|c| c.command_id.to_string())
+                .collect::<Vec<_>>(),
+        )
+        .await;
+    assert!(statuses.iter().all(|s| s == "pending"), "{statuses:?}");
+}
+
+#[tokio::test]
+async fn a_new_connection_fences_the_old_one_and_the_agent_stays_online() {
+    let d = TestDispatcher::start().await;
+    let token = d.agent("agent-a").await;
+    let cmd = stop("agent-a", "s-1");
+    d.enqueue(std::slice::from_ref(&cmd)).await;
+
+    let mut old = RawAgent::connect(&d.url(), &token).await;
+    let held = old.next_command(LIMIT).await;
+    old.ack(&held).await;
+
+    let mut new = RawAgent::connect(&d.url(), &token).await;
+    assert!(new.welcome.connection_epoch > old.welcome.connection_epoch);
+    assert!(old.closed_within(LIMIT).await, "the older stream is closed");
+    // The command the old connection held is redelivered to the new one, with a new token.
+    let again = new.next_command(LIMIT).await;
+    assert_eq!(again.command_id, held.command_id);
+    assert_ne!(again.lease_token, held.lease_token);
+
+    // The old connection's clean-up has run (its stream closed), and it did not take the
+    // agent offline: the original system's bug.
+    new.heartbeat().await;
+    assert!(d.agent_online("agent-a").await, "online throughout");
+    let owner: (Option<String>, i64) = sqlx::query_as(
+        "SELECT connected_owner, connection_epoch FROM agents WHERE agent_id = 'agent-a'",
+    )
+    .fetch_one(&d.pool)
+    .await
+    .unwrap();
+    assert!(owner.0.is_some());
+    assert_eq!(owner.1, new.welcome.connection_epoch);
+
+    // A late report under the old lease changes nothing; the current one completes it.
+    let late = d
+        .queue
+        .command_complete_one(streamspace_core::queue::Completion {
+            lease: streamspace_core::command::Lease {
+                command_id: held.command_id.parse().unwrap(),
+                token: held.lease_token,
+            },
+            result: None,
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(late, streamspace_core::Error::StaleLease { .. }),
+        "{late:?}"
+    );
+    new.ack(&again).await;
+    new.complete(&again).await;
+    eventually("completion", LIMIT, || async {
+        (d.statuses(&[cmd.command_id.to_string()]).await[0] == "completed").then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_silent_agent_goes_offline_its_work_returns_and_it_comes_back() {
+    let d = TestDispatcher::start().await;
+    let token = d.agent("agent-a").await;
+    let first = stop("agent-a", "s-1");
+    d.enqueue(std::slice::from_ref(&first)).await;
+
+    let mut agent = RawAgent::connect(&d.url(), &token).await;
+    let held = agent.next_command(LIMIT).await;
+    agent.ack(&held).await;
+    assert!(d.agent_online("agent-a").await);
+    // Say nothing from here on: a black-holed agent.
+    assert!(
+        agent.closed_within(LIMIT).await,
+        "the dispatcher drops a silent agent"
+    );
+    eventually("agent offline", LIMIT, || async {
+        (!d.agent_online("agent-a").await).then_some(())
+    })
+    .await;
+    assert_eq!(
+        d.statuses(std::slice::from_ref(&held.command_id)).await,
+        vec!["pending"],
+        "its lease was returned"
+    );
+
+    let queued_meanwhile = stop("agent-a", "s-2");
+    d.enqueue(std::slice::from_ref(&queued_meanwhile)).await;
+    let mut back = RawAgent::connect(&d.url(), &token).await;
+    back.heartbeat().await;
+    eventually("agent online", LIMIT, || async {
+        d.agent_online("agent-a").await.then_some(())
+    })
+    .await;
+    let mut got = vec![
+        back.next_command(LIMIT).await.command_id,
+        back.next_command(LIMIT).await.command_id,
+    ];
+    got.sort();
+    let mut want = vec![
+        held.command_id.clone(),
+        queued_meanwhile.command_id.to_string(),
+    ];
+    want.sort();
+    assert_eq!(got, want, "backlog delivered after healing");
+}
+
+#[tokio::test]
+async fn heartbeats_on_time_keep_the_agent_online_without_flapping() {
+    let d = TestDispatcher::start().await;
+    let token = d.agent("agent-a").await;
+    let mut agent = RawAgent::connect(&d.url(), &token).await;
+    let interval = Duration::from_millis(u64::from(agent.welcome.heartbeat_interval_ms));
+    // Ten intervals (over three offline bounds) of punctual heartbeats.
+    for _ in 0..10 {
+        agent.heartbeat().await;
+        assert!(d.agent_online("agent-a").await, "flapped offline");
+        assert!(agent.maybe_command(interval).await.is_none());
+    }
+    assert!(d.agent_online("agent-a").await);
+}
+
+#[tokio::test]
+async fn graceful_shutdown_releases_leases_and_closes_streams() {
+    let mut d = TestDispatcher::start().await;
+    let token = d.agent("agent-a").await;
+    let cmd = stop("agent-a", "s-1");
+    d.enqueue(std::slice::from_ref(&cmd)).await;
+    let mut agent = RawAgent::connect(&d.url(), &token).await;
+    let held = agent.next_command(LIMIT).await;
+    agent.ack(&held).await;
+    eventually("ack applied", LIMIT, || async {
+        (d.statuses(std::slice::from_ref(&held.command_id)).await[0] == "ack").then_some(())
+    })
+    .await;
+
+    d.shutdown().await;
+    assert!(
+        agent.closed_within(LIMIT).await,
+        "stream closed so the agent reconnects elsewhere"
+    );
+    assert_eq!(
+        d.statuses(std::slice::from_ref(&held.command_id)).await,
+        vec!["pending"],
+        "lease released at once"
+    );
+    assert!(!d.agent_online("agent-a").await);
+}
