@@ -4,5 +4,7 @@ mod concurrency;
 mod fencing;
 mod helpers;
 mod lifecycle;
+mod registry;
 mod schema;
 mod seed_regression;
+mod sessions;
