@@ -15,6 +15,8 @@ pub enum Task {
     Ci(CiFlags),
     /// Run the system locally: private PostgreSQL, migrations, services.
     Up(UpFlags),
+    /// The original integration test plan against real processes.
+    E2e(E2eFlags),
     /// Apply migrations to DATABASE_URL (or the local development database).
     Migrate(MigrateFlags),
     /// Regenerate `.sqlx/` (the compile-time query data) against the migrations.
@@ -33,9 +35,28 @@ pub struct UpFlags {
     /// Start from an empty database.
     #[arg(long)]
     pub fresh: bool,
-    /// Where the development cluster keeps its data between runs.
-    #[arg(long, default_value = ".streamspace/pg")]
-    pub data_dir: PathBuf,
+    /// Where PostgreSQL and the agents keep their data between runs.
+    #[arg(long, default_value = ".streamspace")]
+    pub dir: PathBuf,
+    /// How many agents (process runtime) to start.
+    #[arg(long, default_value_t = 1)]
+    pub agents: usize,
+    /// How many command-dispatcher replicas to start.
+    #[arg(long, default_value_t = 1)]
+    pub dispatchers: usize,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct E2eFlags {
+    /// Run one scenario, e.g. `3.2-command-retry`.
+    #[arg(long)]
+    pub scenario: Option<String>,
+    /// `quick` (CI) or `full`.
+    #[arg(long, default_value = "full")]
+    pub profile: String,
+    /// Show the services' logs.
+    #[arg(long)]
+    pub verbose: bool,
 }
 
 #[derive(Debug, clap::Args)]

@@ -16,6 +16,7 @@ fn main() -> anyhow::Result<()> {
     match flags.task {
         flags::Task::Ci(f) => ci::run(f),
         flags::Task::Up(f) => up::run(f),
+        flags::Task::E2e(f) => up::e2e(f),
         flags::Task::Migrate(f) => migrate::run(f),
         flags::Task::SqlxPrepare(f) => sqlx_prepare::run(f),
     }

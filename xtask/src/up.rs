@@ -1,31 +1,53 @@
-//! `cargo xtask up`: the whole system on one machine.
-//!
-//! Today it starts the private PostgreSQL (data kept in `.streamspace/pg`) and applies the
-//! migrations; the services join as their issues land.
+//! `cargo xtask up` and `cargo xtask e2e`: build the service binaries, then hand over to
+//! `streamspace-stack`, which supervises them. (The stack is its own crate because it links
+//! `streamspace-core`, whose compile-checked SQL must not stand between `xtask` and
+//! `cargo xtask sqlx-prepare`.)
+
+use std::process::Command;
 
 use anyhow::Context;
-use streamspace_devpg::{ClusterOptions, Durability, PgCluster};
 
-use crate::flags::UpFlags;
-use crate::util::{apply_migrations, root};
+use crate::flags::{E2eFlags, UpFlags};
+use crate::util::{cargo, exec, root};
+
+/// Builds every binary of the workspace (debug), the ones the stack starts.
+fn build_bins() -> anyhow::Result<()> {
+    let mut build = cargo();
+    build.args(["build", "--workspace", "--bins"]);
+    exec(build)
+}
+
+fn stack() -> Command {
+    let mut cmd = Command::new(root().join("target/debug/streamspace-stack"));
+    cmd.current_dir(root());
+    cmd
+}
 
 pub fn run(flags: UpFlags) -> anyhow::Result<()> {
-    let data_dir = root().join(&flags.data_dir);
-    if flags.fresh && data_dir.exists() {
-        std::fs::remove_dir_all(&data_dir)
-            .with_context(|| format!("removing {}", data_dir.display()))?;
+    build_bins()?;
+    let mut cmd = stack();
+    cmd.arg("up")
+        .arg("--dir")
+        .arg(&flags.dir)
+        .arg("--agents")
+        .arg(flags.agents.to_string())
+        .arg("--dispatchers")
+        .arg(flags.dispatchers.to_string());
+    if flags.fresh {
+        cmd.arg("--fresh");
     }
-    let cluster = PgCluster::start(ClusterOptions {
-        data_dir: Some(data_dir),
-        durability: Durability::Durable,
-        ..Default::default()
-    })?;
-    let url = cluster.url("postgres");
-    let rt = tokio::runtime::Runtime::new()?;
-    rt.block_on(apply_migrations(&url))?;
-    println!("PostgreSQL ready: {url}");
-    println!("migrations applied; the services are not wired into `up` yet. Ctrl-C stops.");
-    rt.block_on(tokio::signal::ctrl_c())?;
-    drop(cluster);
-    Ok(())
+    exec(cmd)
+}
+
+pub fn e2e(flags: E2eFlags) -> anyhow::Result<()> {
+    build_bins()?;
+    let mut cmd = stack();
+    cmd.arg("e2e").arg("--profile").arg(&flags.profile);
+    if let Some(s) = &flags.scenario {
+        cmd.arg("--scenario").arg(s);
+    }
+    if flags.verbose {
+        cmd.arg("--verbose");
+    }
+    exec(cmd).context("end-to-end scenarios failed")
 }

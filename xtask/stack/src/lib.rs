@@ -1,0 +1,12 @@
+//! The whole StreamSpace system on one machine, for `cargo xtask up` (run it) and
+//! `cargo xtask e2e` (the original test plan, automated against real processes).
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod e2e;
+pub mod proxy;
+pub mod report;
+pub mod resources;
+pub mod stack;
+pub mod supervisor;
+pub mod up;

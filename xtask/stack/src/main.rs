@@ -1,0 +1,71 @@
+//! `streamspace-stack up | e2e`: started by `cargo xtask up` and `cargo xtask e2e` after
+//! they build the service binaries this runs.
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+
+use clap::Parser;
+use streamspace_stack::e2e::Profile;
+
+#[derive(Debug, Parser)]
+#[command(name = "streamspace-stack")]
+enum Flags {
+    /// Run the system: private PostgreSQL, dispatchers, agents, api-gateway.
+    Up {
+        /// Start from an empty database.
+        #[arg(long)]
+        fresh: bool,
+        /// Where PostgreSQL and the agents keep their data between runs.
+        #[arg(long, default_value = ".streamspace")]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 1)]
+        agents: usize,
+        #[arg(long, default_value_t = 1)]
+        dispatchers: usize,
+    },
+    /// Run the end-to-end scenarios.
+    E2e {
+        /// Run only this scenario (e.g. 3.2-command-retry).
+        #[arg(long)]
+        scenario: Option<String>,
+        #[arg(long, value_enum, default_value = "full")]
+        profile: Profile,
+        /// Show the services' logs.
+        #[arg(long)]
+        verbose: bool,
+        #[arg(long, default_value = "target/e2e/report.json")]
+        report: PathBuf,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Flags::parse() {
+        Flags::Up {
+            fresh,
+            dir,
+            agents,
+            dispatchers,
+        } => {
+            streamspace_stack::up::run(streamspace_stack::up::UpOptions {
+                fresh,
+                dir,
+                agents,
+                dispatchers,
+            })
+            .await
+        }
+        Flags::E2e {
+            scenario,
+            profile,
+            verbose,
+            report,
+        } => {
+            if streamspace_stack::e2e::run(profile, scenario, verbose, report).await? {
+                Ok(())
+            } else {
+                std::process::exit(1)
+            }
+        }
+    }
+}

@@ -1,0 +1,458 @@
+//! A whole StreamSpace system on this machine: a private PostgreSQL (or a given
+//! database), command-dispatchers, agents (process runtime) and the api-gateway, each a
+//! real child process configured through `STREAMSPACE_*` variables.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use nix::sys::signal::Signal;
+use sqlx::PgPool;
+use streamspace_core::agents::{self, NewAgent};
+
+use crate::supervisor::{Spec, Supervised, bin_dir};
+
+/// Development-only gateway settings: dev tokens on, a fixed local signing secret.
+/// Never used outside `up` and e2e runs.
+pub const GATEWAY_DEV_ENV: &[(&str, &str)] = &[
+    ("STREAMSPACE_AUTH__DEV_TOKENS", "true"),
+    (
+        "STREAMSPACE_AUTH__HMAC_SECRET",
+        "streamspace-local-development-secret-not-for-production",
+    ),
+];
+
+/// How long a service may take to become healthy.
+pub const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// Offline bound the stack configures (and status checks assume).
+pub const OFFLINE_AFTER: Duration = Duration::from_secs(15);
+
+/// What to start.
+#[derive(Clone, Debug)]
+pub struct StackOptions {
+    pub database_url: String,
+    /// Working files (agent state, logs) go here.
+    pub run_dir: PathBuf,
+    pub dispatchers: usize,
+    pub agents: usize,
+    pub gateway: bool,
+    /// Echo children's logs to the terminal.
+    pub echo: bool,
+    /// Extra `STREAMSPACE_*` settings for every dispatcher.
+    pub dispatcher_env: Vec<(String, String)>,
+}
+
+/// One agent of the stack.
+#[derive(Debug)]
+pub struct AgentProc {
+    pub agent_id: String,
+    pub credential: String,
+    pub state_dir: PathBuf,
+    /// Which dispatcher it dials (index into `dispatchers`).
+    pub dispatcher: usize,
+    /// Dial this URL instead (e.g. a proxy in front of the dispatcher).
+    pub url_override: Option<String>,
+    pub proc: Option<Supervised>,
+}
+
+#[derive(Debug)]
+pub struct DispatcherProc {
+    pub name: String,
+    pub port: u16,
+    pub proc: Option<Supervised>,
+}
+
+#[derive(Debug)]
+pub struct GatewayProc {
+    pub http_port: u16,
+    pub grpc_port: u16,
+    pub proc: Option<Supervised>,
+}
+
+/// A running stack. Dropping it kills every child (`kill_on_drop`); [`Stack::stop`] does it
+/// in order and also ends the agents' session processes.
+#[derive(Debug)]
+pub struct Stack {
+    pub options: StackOptions,
+    pub pool: PgPool,
+    pub dispatchers: Vec<DispatcherProc>,
+    pub agents: Vec<AgentProc>,
+    pub gateway: Option<GatewayProc>,
+    colour: usize,
+}
+
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+impl Stack {
+    /// Starts every service and waits until each is healthy.
+    pub async fn start(options: StackOptions) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(&options.run_dir)
+            .with_context(|| format!("creating {}", options.run_dir.display()))?;
+        let pool = PgPool::connect(&options.database_url)
+            .await
+            .context("connecting to the database")?;
+        streamspace_core::db::ensure_schema(&pool, streamspace_core::db::SchemaPolicy::Migrate)
+            .await?;
+        let mut stack = Self {
+            options,
+            pool,
+            dispatchers: Vec::new(),
+            agents: Vec::new(),
+            gateway: None,
+            colour: 0,
+        };
+        for i in 0..stack.options.dispatchers {
+            let port = free_port()?;
+            stack.dispatchers.push(DispatcherProc {
+                name: format!("dispatcher-{}", i + 1),
+                port,
+                proc: None,
+            });
+            stack.start_dispatcher(i).await?;
+        }
+        if stack.options.gateway {
+            stack.start_gateway().await?;
+        }
+        for i in 0..stack.options.agents {
+            let agent_id = format!("local-{}", i + 1);
+            let credential = register_agent(&stack.pool, &agent_id).await?;
+            let state_dir = stack.options.run_dir.join("agents").join(&agent_id);
+            let dispatcher = i % stack.dispatchers.len().max(1);
+            stack.agents.push(AgentProc {
+                agent_id,
+                credential,
+                state_dir,
+                dispatcher,
+                url_override: None,
+                proc: None,
+            });
+            stack.start_agent(i).await?;
+        }
+        Ok(stack)
+    }
+
+    fn next_colour(&mut self) -> usize {
+        self.colour += 1;
+        self.colour
+    }
+
+    fn database_env(&self) -> Vec<(String, String)> {
+        vec![(
+            "STREAMSPACE_DATABASE__URL".into(),
+            self.options.database_url.clone(),
+        )]
+    }
+
+    /// (Re)starts dispatcher `i` on its port and waits until it accepts connections.
+    pub async fn start_dispatcher(&mut self, i: usize) -> anyhow::Result<()> {
+        let colour = self.next_colour();
+        let d = &self.dispatchers[i];
+        let mut env = self.database_env();
+        env.push(("STREAMSPACE_LISTEN".into(), format!("127.0.0.1:{}", d.port)));
+        env.push(("STREAMSPACE_DISPATCHER_ID".into(), d.name.clone()));
+        env.extend(self.options.dispatcher_env.iter().cloned());
+        let spec = Spec {
+            name: d.name.clone(),
+            program: bin_dir()?.join("streamspace-command-dispatcher"),
+            args: vec![],
+            env,
+            echo: self.options.echo,
+        };
+        let port = d.port;
+        let mut proc = Supervised::start(spec, colour)?;
+        wait_for_port(&mut proc, port).await?;
+        self.dispatchers[i].proc = Some(proc);
+        Ok(())
+    }
+
+    pub fn dispatcher_url(&self, i: usize) -> String {
+        format!("http://127.0.0.1:{}", self.dispatchers[i].port)
+    }
+
+    /// (Re)starts agent `i` and, when `wait_online`, waits until the database shows it
+    /// online.
+    pub async fn start_agent(&mut self, i: usize) -> anyhow::Result<()> {
+        self.spawn_agent(i)?;
+        self.wait_agent_online(i).await
+    }
+
+    pub fn spawn_agent(&mut self, i: usize) -> anyhow::Result<()> {
+        let colour = self.next_colour();
+        let url = match &self.agents[i].url_override {
+            Some(u) => u.clone(),
+            None => self.dispatcher_url(self.agents[i].dispatcher),
+        };
+        let a = &self.agents[i];
+        std::fs::create_dir_all(&a.state_dir)?;
+        let spec = Spec {
+            name: a.agent_id.clone(),
+            program: bin_dir()?.join("streamspace-agent"),
+            args: vec![],
+            env: vec![
+                ("STREAMSPACE_DISPATCHER_URL".into(), url),
+                ("STREAMSPACE_CREDENTIAL".into(), a.credential.clone()),
+                (
+                    "STREAMSPACE_STATE_DIR".into(),
+                    a.state_dir.display().to_string(),
+                ),
+            ],
+            echo: self.options.echo,
+        };
+        self.agents[i].proc = Some(Supervised::start(spec, colour)?);
+        Ok(())
+    }
+
+    pub async fn wait_agent_online(&mut self, i: usize) -> anyhow::Result<()> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if self.agent_online(&self.agents[i].agent_id).await? {
+                return Ok(());
+            }
+            if let Some(p) = self.agents[i].proc.as_mut()
+                && let Some(status) = p.exited()
+            {
+                bail!(
+                    "{} exited with {status} during start-up:\n{}",
+                    p.spec.name,
+                    p.recent_output()
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{} did not come online within {START_TIMEOUT:?}",
+                    self.agents[i].agent_id
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    pub async fn agent_online(&self, agent_id: &str) -> anyhow::Result<bool> {
+        Ok(agents::agent_get(&self.pool, agent_id, OFFLINE_AFTER)
+            .await?
+            .is_some_and(|a| a.online))
+    }
+
+    async fn start_gateway(&mut self) -> anyhow::Result<()> {
+        let colour = self.next_colour();
+        let http_port = free_port()?;
+        let grpc_port = free_port()?;
+        let mut env = self.gateway_env();
+        env.push((
+            "STREAMSPACE_HTTP__LISTEN".into(),
+            format!("127.0.0.1:{http_port}"),
+        ));
+        env.push((
+            "STREAMSPACE_GRPC__LISTEN".into(),
+            format!("127.0.0.1:{grpc_port}"),
+        ));
+        let spec = Spec {
+            name: "api-gateway".into(),
+            program: bin_dir()?.join("streamspace-api-gateway"),
+            args: vec![],
+            env,
+            echo: self.options.echo,
+        };
+        let mut proc = Supervised::start(spec, colour)?;
+        wait_for_port(&mut proc, http_port).await?;
+        self.gateway = Some(GatewayProc {
+            http_port,
+            grpc_port,
+            proc: Some(proc),
+        });
+        Ok(())
+    }
+
+    pub fn gateway_url(&self) -> String {
+        self.gateway
+            .as_ref()
+            .map(|g| format!("http://127.0.0.1:{}", g.http_port))
+            .unwrap_or_default()
+    }
+
+    pub fn gateway_grpc_url(&self) -> String {
+        self.gateway
+            .as_ref()
+            .map(|g| format!("http://127.0.0.1:{}", g.grpc_port))
+            .unwrap_or_default()
+    }
+
+    pub fn gateway_pid(&self) -> Option<i32> {
+        self.gateway
+            .as_ref()?
+            .proc
+            .as_ref()?
+            .pid()
+            .map(|p| p.as_raw())
+    }
+
+    /// A development token for `user` (admin when `admin`), minted by the gateway's own
+    /// command with the stack's development signing key.
+    pub async fn mint_token(&self, user: &str, admin: bool) -> anyhow::Result<String> {
+        let mut cmd = tokio::process::Command::new(bin_dir()?.join("streamspace-api-gateway"));
+        cmd.arg("mint-token").arg("--user").arg(user);
+        if admin {
+            cmd.arg("--admin");
+        }
+        cmd.envs(self.gateway_env());
+        let out = cmd
+            .output()
+            .await
+            .context("running streamspace-api-gateway mint-token")?;
+        if !out.status.success() {
+            bail!(
+                "mint-token failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8(out.stdout)?.trim().to_owned())
+    }
+
+    /// Settings shared by the gateway process and its `mint-token` command.
+    fn gateway_env(&self) -> Vec<(String, String)> {
+        let mut env = self.database_env();
+        env.extend(
+            GATEWAY_DEV_ENV
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string())),
+        );
+        env
+    }
+
+    /// Sends `sig` to agent `i` (SIGKILL to crash it, SIGSTOP/SIGCONT to black-hole it).
+    pub fn signal_agent(&self, i: usize, sig: Signal) -> anyhow::Result<()> {
+        self.agents[i]
+            .proc
+            .as_ref()
+            .context("agent not running")?
+            .signal(sig)
+    }
+
+    /// SIGKILLs agent `i` and waits until it is gone.
+    pub async fn kill_agent(&mut self, i: usize) {
+        if let Some(mut p) = self.agents[i].proc.take() {
+            p.kill().await;
+        }
+    }
+
+    pub async fn kill_dispatcher(&mut self, i: usize) {
+        if let Some(mut p) = self.dispatchers[i].proc.take() {
+            p.kill().await;
+        }
+    }
+
+    /// A child that exited on its own, with its last lines: the caller reports it.
+    pub fn crashed(&mut self) -> Option<String> {
+        let procs = self
+            .dispatchers
+            .iter_mut()
+            .filter_map(|d| d.proc.as_mut())
+            .chain(self.agents.iter_mut().filter_map(|a| a.proc.as_mut()))
+            .chain(self.gateway.iter_mut().filter_map(|g| g.proc.as_mut()));
+        for p in procs {
+            if let Some(status) = p.exited() {
+                return Some(format!(
+                    "{} exited with {status}; last lines:\n{}",
+                    p.spec.name,
+                    p.recent_output()
+                ));
+            }
+        }
+        None
+    }
+
+    /// Stops everything in order: agents, gateway, dispatchers (SIGTERM, then SIGKILL),
+    /// then every session process the agents left running.
+    pub async fn stop(&mut self) {
+        let grace = Duration::from_secs(5);
+        for a in &mut self.agents {
+            if let Some(mut p) = a.proc.take() {
+                p.stop(grace).await;
+            }
+        }
+        if let Some(g) = self.gateway.as_mut()
+            && let Some(mut p) = g.proc.take()
+        {
+            p.stop(grace).await;
+        }
+        for d in &mut self.dispatchers {
+            if let Some(mut p) = d.proc.take() {
+                p.stop(grace).await;
+            }
+        }
+        for a in &self.agents {
+            kill_sessions(&a.state_dir);
+        }
+        self.pool.close().await;
+    }
+}
+
+/// Registers `agent_id` (if new) and issues a fresh credential for it.
+pub async fn register_agent(pool: &PgPool, agent_id: &str) -> anyhow::Result<String> {
+    let new = NewAgent {
+        agent_id: agent_id.into(),
+        cluster: "local".into(),
+        region: "local".into(),
+        max_sessions: None,
+    };
+    match agents::agent_create(pool, &new).await {
+        Ok(()) | Err(streamspace_core::Error::Conflict(_)) => {}
+        Err(e) => return Err(e.into()),
+    }
+    Ok(agents::credential_issue(pool, agent_id)
+        .await?
+        .token
+        .expose()
+        .clone())
+}
+
+async fn wait_for_port(proc: &mut Supervised, port: u16) -> anyhow::Result<()> {
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            return Ok(());
+        }
+        if let Some(status) = proc.exited() {
+            bail!(
+                "{} exited with {status} during start-up:\n{}",
+                proc.spec.name,
+                proc.recent_output()
+            );
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{} did not listen on port {port} within {START_TIMEOUT:?}",
+                proc.spec.name
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Ends the session processes an agent recorded in its state directory (each runs in its
+/// own process group, so it outlives the agent by design; the stack must not leave them).
+pub fn kill_sessions(state_dir: &Path) {
+    for pid in session_pids(state_dir) {
+        let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+    }
+}
+
+/// Pids recorded in `state_dir/sessions/*.json`.
+pub fn session_pids(state_dir: &Path) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir(state_dir.join("sessions")) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .filter_map(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+        .filter_map(|v| v.get("pid").and_then(serde_json::Value::as_i64))
+        .filter_map(|p| i32::try_from(p).ok())
+        .collect()
+}
