@@ -66,4 +66,8 @@ pub enum Error {
     /// Configuration that cannot work.
     #[error("invalid configuration: {0}")]
     Config(String),
+
+    /// No agent can take a new session right now; the message says what was looked for.
+    #[error("no eligible agent: {0}")]
+    NoEligibleAgent(String),
 }

@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod agents;
+pub mod api;
 pub mod command;
 pub mod config;
 pub mod db;

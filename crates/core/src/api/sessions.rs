@@ -1,0 +1,435 @@
+//! Sessions as users create and change them.
+//!
+//! Each operation runs on the caller's connection, inside the caller's transaction, and
+//! moves the session row together with enqueuing its command. The session row is locked
+//! (`FOR UPDATE`) before its state is judged, so two concurrent requests on one session
+//! are decided one after the other. Afterwards the session follows its commands by
+//! itself (trigger `agent_commands_follow_session`, migration 2).
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use rand::RngCore;
+use sqlx::{PgConnection, PgExecutor, PgPool};
+
+use super::changes::Snapshot;
+use super::placement::{Placement, agent_choose};
+use crate::command::{
+    CommandId, CommandKind, HibernateSession, Resources, StartSession, StopSession, WakeSession,
+};
+use crate::error::{Error, Result};
+use crate::queue::{CommandQueue, CommandRecord, NewCommand};
+
+/// A session row; every nullable column is an `Option`.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct SessionRecord {
+    pub id: String,
+    pub user_id: String,
+    pub template: String,
+    pub agent_id: String,
+    /// One of [`crate::sessions::SESSION_STATES`].
+    pub state: String,
+    pub resources: serde_json::Value,
+    pub url: Option<String>,
+    pub status_message: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub terminated_at: Option<DateTime<Utc>>,
+}
+
+/// A session to create. Inputs are validated by the caller's edge; the database enforces
+/// the rest.
+#[derive(Clone, Debug)]
+pub struct NewSession {
+    pub user_id: String,
+    pub template: String,
+    pub resources: Option<Resources>,
+    pub placement: Placement,
+    /// The offline bound that decides which agents count as online.
+    pub offline_after: Duration,
+    /// W3C `traceparent` of the request, carried by the start command.
+    pub trace_context: Option<String>,
+}
+
+/// A created session and its start command.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionCreated {
+    pub id: String,
+    pub agent_id: String,
+    pub command_id: CommandId,
+}
+
+/// What a stop did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SessionStop {
+    /// `stop_session` queued for the session's agent; the session is `terminating`.
+    Queued { command_id: CommandId },
+    /// The start had never been delivered: it was cancelled and the session is
+    /// `terminated` without the cluster being touched.
+    StartCancelled { start_command_id: CommandId },
+}
+
+/// The `{user}-{template}-{8 hex}` shape of session ids, kept from the original system.
+/// The user part is reduced to what a Kubernetes name allows (lower-case letters, digits,
+/// dashes; starting with a letter), so ids can name workloads directly.
+pub fn session_id_new(user_id: &str, template: &str) -> String {
+    let mut user: String = user_id
+        .chars()
+        .map(|c| {
+            let c = c.to_ascii_lowercase();
+            if c.is_ascii_lowercase() || c.is_ascii_digit() {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    while user.contains("--") {
+        user = user.replace("--", "-");
+    }
+    let mut user: String = user.trim_matches('-').chars().take(20).collect();
+    user = user.trim_end_matches('-').to_owned();
+    if !user.starts_with(|c: char| c.is_ascii_lowercase()) {
+        user.insert(0, 'u');
+    }
+    let mut suffix = [0u8; 4];
+    rand::rng().fill_bytes(&mut suffix);
+    format!("{user}-{template}-{}", hex::encode(suffix))
+}
+
+/// Creates a session on the chosen agent and enqueues its `start_session`, in the
+/// caller's transaction. [`Error::NoEligibleAgent`] when no agent qualifies.
+pub async fn session_create(conn: &mut PgConnection, new: &NewSession) -> Result<SessionCreated> {
+    let agent_id = agent_choose(conn, &new.placement, new.offline_after).await?;
+    let resources = serde_json::to_value(new.resources.clone().unwrap_or_default())
+        .map_err(|e| Error::InvalidInput(format!("resources: {e}")))?;
+    // A collision of the 32 random bits within one user's template is unlikely; a few
+    // fresh draws make it practically impossible.
+    let mut id = None;
+    for _ in 0..4 {
+        let candidate = session_id_new(&new.user_id, &new.template);
+        let inserted = sqlx::query!(
+            r#"
+            INSERT INTO sessions (id, user_id, template, agent_id, resources)
+            VALUES ($1, $2, $3, $4, $5)
+            ON CONFLICT (id) DO NOTHING
+            "#,
+            candidate,
+            new.user_id,
+            new.template,
+            agent_id,
+            resources,
+        )
+        .execute(&mut *conn)
+        .await?;
+        if inserted.rows_affected() == 1 {
+            id = Some(candidate);
+            break;
+        }
+    }
+    let id = id.ok_or_else(|| Error::Conflict("could not allocate a unique session id".into()))?;
+    let mut start = NewCommand::new(
+        agent_id.clone(),
+        Some(id.clone()),
+        CommandKind::StartSession(StartSession {
+            template: new.template.clone(),
+            user_id: Some(new.user_id.clone()),
+            resources: new.resources.clone(),
+            home_volume: false,
+            env: Default::default(),
+        }),
+    );
+    start.trace_context = new.trace_context.clone();
+    let enqueued = CommandQueue::command_enqueue(conn, &start).await?;
+    Ok(SessionCreated {
+        id,
+        agent_id,
+        command_id: enqueued.command_id,
+    })
+}
+
+/// One of `user_id`'s sessions.
+pub async fn session_get(
+    exec: impl PgExecutor<'_>,
+    user_id: &str,
+    id: &str,
+) -> Result<Option<SessionRecord>> {
+    Ok(sqlx::query_as!(
+        SessionRecord,
+        r#"
+        SELECT id, user_id, template, agent_id, state, resources, url, status_message,
+               created_at, updated_at, terminated_at
+        FROM sessions WHERE id = $1 AND user_id = $2
+        "#,
+        id,
+        user_id,
+    )
+    .fetch_optional(exec)
+    .await?)
+}
+
+/// `user_id`'s sessions, newest first, at most `limit`.
+pub async fn session_list(
+    exec: impl PgExecutor<'_>,
+    user_id: &str,
+    limit: i64,
+) -> Result<Vec<SessionRecord>> {
+    Ok(sqlx::query_as!(
+        SessionRecord,
+        r#"
+        SELECT id, user_id, template, agent_id, state, resources, url, status_message,
+               created_at, updated_at, terminated_at
+        FROM sessions WHERE user_id = $1
+        ORDER BY created_at DESC, id
+        LIMIT $2
+        "#,
+        user_id,
+        limit,
+    )
+    .fetch_all(exec)
+    .await?)
+}
+
+/// One of `user_id`'s sessions together with the snapshot it was read in, so a watcher
+/// can tell which later change notifications it has already seen.
+pub async fn session_get_snapshot(
+    pool: &PgPool,
+    user_id: &str,
+    id: &str,
+) -> Result<Option<(SessionRecord, Snapshot)>> {
+    let mut tx = pool
+        .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .await?;
+    let snapshot = Snapshot::current(&mut tx).await?;
+    let record = session_get(&mut *tx, user_id, id).await?;
+    tx.commit().await?;
+    Ok(record.map(|r| (r, snapshot)))
+}
+
+/// The session locked for a change, or `NotFound` (also for another user's session).
+async fn session_lock(conn: &mut PgConnection, user_id: &str, id: &str) -> Result<(String, String)> {
+    let row = sqlx::query!(
+        r#"SELECT agent_id, state FROM sessions WHERE id = $1 AND user_id = $2 FOR UPDATE"#,
+        id,
+        user_id,
+    )
+    .fetch_optional(&mut *conn)
+    .await?;
+    row.map(|r| (r.agent_id, r.state))
+        .ok_or_else(|| Error::NotFound(format!("session {id}")))
+}
+
+async fn session_set_state(conn: &mut PgConnection, id: &str, state: &str) -> Result<()> {
+    sqlx::query!(
+        "UPDATE sessions SET state = $2, updated_at = now() WHERE id = $1",
+        id,
+        state,
+    )
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Stops one of `user_id`'s sessions, in the caller's transaction.
+///
+/// When the session's start was never delivered, the start is cancelled and the session
+/// ends here (`terminated`) without a stop command: the cluster was never touched. Else a
+/// `stop_session` is queued for the session's own agent, also while that agent is down.
+/// A terminating or terminated session is a [`Error::Conflict`].
+pub async fn session_stop(
+    conn: &mut PgConnection,
+    user_id: &str,
+    id: &str,
+    trace_context: Option<String>,
+) -> Result<SessionStop> {
+    let (agent_id, state) = session_lock(conn, user_id, id).await?;
+    match state.as_str() {
+        "terminating" => {
+            return Err(Error::Conflict(format!(
+                "session {id} is already terminating; follow its stop command instead of sending another"
+            )));
+        }
+        "terminated" => {
+            return Err(Error::Conflict(format!(
+                "session {id} is already terminated"
+            )));
+        }
+        _ => {}
+    }
+    if state == "pending"
+        && let Some(start) = start_never_sent(conn, id).await?
+    {
+        // The dispatcher may claim the start between our look and the cancel; the cancel
+        // is conditional on `pending`, and when it loses that race we queue a stop below.
+        match CommandQueue::command_cancel(conn, &start, "the session was stopped before its start was delivered").await {
+            Ok(()) => {
+                sqlx::query!(
+                    r#"
+                    UPDATE sessions
+                    SET state = 'terminated', terminated_at = now(), updated_at = now(),
+                        status_message = 'stopped before it was started'
+                    WHERE id = $1
+                    "#,
+                    id,
+                )
+                .execute(&mut *conn)
+                .await?;
+                return Ok(SessionStop::StartCancelled {
+                    start_command_id: start,
+                });
+            }
+            Err(Error::InvalidTransition { .. }) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    let mut stop = NewCommand::new(
+        agent_id,
+        Some(id.to_owned()),
+        CommandKind::StopSession(StopSession::default()),
+    );
+    stop.trace_context = trace_context;
+    let enqueued = CommandQueue::command_enqueue(conn, &stop).await?;
+    session_set_state(conn, id, "terminating").await?;
+    Ok(SessionStop::Queued {
+        command_id: enqueued.command_id,
+    })
+}
+
+/// The session's start command when it is pending and was never handed to an agent.
+async fn start_never_sent(conn: &mut PgConnection, id: &str) -> Result<Option<CommandId>> {
+    let row = sqlx::query_scalar!(
+        r#"
+        SELECT command_id FROM agent_commands
+        WHERE session_id = $1 AND action = 'start_session'
+          AND status = 'pending' AND sent_at IS NULL
+        ORDER BY seq DESC
+        LIMIT 1
+        "#,
+        id,
+    )
+    .fetch_optional(&mut *conn)
+    .await?;
+    row.map(|c| {
+        c.parse()
+            .map_err(|e| Error::InvalidInput(format!("stored command id: {e}")))
+    })
+    .transpose()
+}
+
+/// `running → hibernating` with a `hibernate_session` for the session's agent.
+pub async fn session_hibernate(
+    conn: &mut PgConnection,
+    user_id: &str,
+    id: &str,
+    trace_context: Option<String>,
+) -> Result<CommandId> {
+    session_change(
+        conn,
+        user_id,
+        id,
+        "running",
+        "hibernating",
+        CommandKind::HibernateSession(HibernateSession::default()),
+        trace_context,
+    )
+    .await
+}
+
+/// `hibernated → waking` with a `wake_session` for the session's agent.
+pub async fn session_wake(
+    conn: &mut PgConnection,
+    user_id: &str,
+    id: &str,
+    trace_context: Option<String>,
+) -> Result<CommandId> {
+    session_change(
+        conn,
+        user_id,
+        id,
+        "hibernated",
+        "waking",
+        CommandKind::WakeSession(WakeSession::default()),
+        trace_context,
+    )
+    .await
+}
+
+async fn session_change(
+    conn: &mut PgConnection,
+    user_id: &str,
+    id: &str,
+    from: &str,
+    to: &str,
+    kind: CommandKind,
+    trace_context: Option<String>,
+) -> Result<CommandId> {
+    let (agent_id, state) = session_lock(conn, user_id, id).await?;
+    if state != from {
+        return Err(Error::Conflict(format!(
+            "session {id} is {state}; only a {from} session can be sent {}",
+            kind.action()
+        )));
+    }
+    let mut cmd = NewCommand::new(agent_id, Some(id.to_owned()), kind);
+    cmd.trace_context = trace_context;
+    let enqueued = CommandQueue::command_enqueue(conn, &cmd).await?;
+    session_set_state(conn, id, to).await?;
+    Ok(enqueued.command_id)
+}
+
+/// A command of one of `user_id`'s sessions; `None` also for another user's command.
+pub async fn command_get_for_user(
+    exec: impl PgExecutor<'_>,
+    user_id: &str,
+    command_id: &CommandId,
+) -> Result<Option<CommandRecord>> {
+    Ok(sqlx::query_as!(
+        CommandRecord,
+        r#"
+        SELECT c.* FROM agent_commands c
+        JOIN sessions s ON s.id = c.session_id
+        WHERE c.command_id = $1 AND s.user_id = $2
+        "#,
+        command_id.as_str(),
+        user_id,
+    )
+    .fetch_optional(exec)
+    .await?)
+}
+
+/// A command together with the snapshot it was read in (see [`session_get_snapshot`]).
+pub async fn command_get_snapshot(
+    pool: &PgPool,
+    command_id: &CommandId,
+) -> Result<Option<(CommandRecord, Snapshot)>> {
+    let mut tx = pool
+        .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .await?;
+    let snapshot = Snapshot::current(&mut tx).await?;
+    let record = CommandQueue::command_get(&mut *tx, command_id).await?;
+    tx.commit().await?;
+    Ok(record.map(|r| (r, snapshot)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_ids_keep_the_original_shape_and_are_kubernetes_names() {
+        let id = session_id_new("alice", "firefox-browser");
+        let (head, hex) = id.rsplit_once('-').unwrap();
+        assert_eq!(head, "alice-firefox-browser");
+        assert_eq!(hex.len(), 8);
+        assert!(hex.bytes().all(|b| b.is_ascii_hexdigit()));
+
+        let id = session_id_new("Bob.Smith@Example.com", "xterm");
+        assert!(id.starts_with("bob-smith-example-com-xterm-"), "{id}");
+        let id = session_id_new("42", "xterm");
+        assert!(id.starts_with("u42-xterm-"), "{id}");
+        let id = session_id_new("@@@", "xterm");
+        assert!(id.starts_with("u-xterm-"), "{id}");
+        let id = session_id_new(&"x".repeat(100), "xterm");
+        assert!(id.len() <= 20 + 1 + 5 + 1 + 8, "{id}");
+    }
+}
