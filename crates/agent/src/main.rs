@@ -7,7 +7,9 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use streamspace_agent::AgentConfig;
+use streamspace_agent::{Agent, AgentConfig};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::watch;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -56,6 +58,24 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn run_agent(config_file: Option<PathBuf>) -> anyhow::Result<()> {
-    let _config = AgentConfig::load(config_file.as_deref()).context("loading configuration")?;
-    anyhow::bail!("the connection loop is not implemented yet")
+    let config = AgentConfig::load(config_file.as_deref()).context("loading configuration")?;
+    streamspace_core::telemetry::init_tracing("info", config.log_json);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let agent = Agent::build(config).await.context("starting the agent")?;
+        let (stop, stop_rx) = watch::channel(false);
+        let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received; shutting down"),
+                _ = sigterm.recv() => tracing::info!("SIGTERM received; shutting down"),
+            }
+            let _ = stop.send(true);
+            // Keep the sender alive: a dropped sender also means "stop", and says nothing new.
+            std::future::pending::<()>().await;
+        });
+        agent.run(stop_rx).await.context("running the agent")
+    })
 }

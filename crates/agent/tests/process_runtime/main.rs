@@ -2,8 +2,11 @@
 //!
 //! Here: `ProcessRuntime` itself — create-or-get, stop reaching the whole group,
 //! hibernate/wake as SIGSTOP/SIGCONT, adoption after an agent restart, sessions dying on
-//! their own, and starts that never become ready.
+//! their own, and starts that never become ready. `agent_link` runs the whole agent
+//! against a scripted dispatcher over real gRPC.
 
+mod agent_link;
+mod fake_dispatcher;
 mod helpers;
 
 use helpers::*;

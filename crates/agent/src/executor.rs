@@ -1,0 +1,822 @@
+//! Executes delivered commands through the [`SessionRuntime`]: serially within a session,
+//! concurrently across sessions, and at most once per `command_id` in this process.
+//!
+//! The executor outlives connections. A command that finishes while the agent is
+//! disconnected keeps its outcome here; the dispatcher redelivers it after the reconnect
+//! (its lease was released when the stream closed) and the stored outcome is re-sent under
+//! the new lease token, without executing again.
+//!
+//! Per command the executor remembers a [`Phase`]:
+//!
+//! ```text
+//!  delivered ──▶ Received ──start──▶ Queued ──worker──▶ Running ──▶ Done(outcome)
+//!                                      │
+//!                                      └── Cancel ──▶ Done(failed "cancelled: …")
+//! ```
+//!
+//! Each session with work has one worker task draining that session's FIFO queue; the
+//! worker ends when the queue is empty, so idle sessions cost nothing.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use streamspace_core::CommandKind;
+use streamspace_proto::agent::v1 as proto;
+use streamspace_proto::agent::v1::agent_message::Msg;
+use tokio::sync::{mpsc, watch};
+use tracing::Instrument;
+
+use crate::runtime::journal::unix_ms;
+use crate::runtime::{Observation, SessionRuntime};
+
+/// How a command ended, as reported in `CommandResult`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Completed(Observation),
+    Failed { message: String, retryable: bool },
+}
+
+impl Outcome {
+    fn permanent(message: impl Into<String>) -> Self {
+        Outcome::Failed {
+            message: message.into(),
+            retryable: false,
+        }
+    }
+
+    fn into_proto(self) -> proto::command_result::Outcome {
+        match self {
+            Outcome::Completed(obs) => {
+                proto::command_result::Outcome::Completed(proto::Completed {
+                    session: Some(obs.into()),
+                })
+            }
+            Outcome::Failed { message, retryable } => {
+                proto::command_result::Outcome::Failed(proto::Failed { message, retryable })
+            }
+        }
+    }
+}
+
+/// Where one command stands in this agent process.
+#[derive(Clone, Debug)]
+enum Phase {
+    /// Acked (or being acked); not yet handed to its session's queue.
+    Received,
+    /// Waiting behind earlier commands of its session; a `Cancel` can still drop it.
+    Queued,
+    Running,
+    Done(Outcome),
+}
+
+#[derive(Clone, Debug)]
+struct Entry {
+    /// The newest lease the dispatcher delivered this command under; results always carry
+    /// it, because a report under an older token is ignored.
+    lease_token: i64,
+    phase: Phase,
+}
+
+#[derive(Clone, Debug)]
+struct Job {
+    command_id: String,
+    session_id: String,
+    kind: CommandKind,
+    deadline_unix_ms: i64,
+}
+
+/// A newly delivered command, to be started (queued) after its `Ack` went out, so the
+/// result of a fast command can never overtake its acknowledgement.
+#[derive(Debug)]
+#[must_use = "a ticket that is not started leaves its command waiting forever"]
+pub(crate) struct Ticket(Job);
+
+/// What to do with a delivered command.
+#[derive(Debug, Default)]
+pub(crate) struct Delivery {
+    /// To send now, in order; the `Ack` comes first.
+    pub messages: Vec<proto::AgentMessage>,
+    pub ticket: Option<Ticket>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    commands: HashMap<String, Entry>,
+    /// Ids of `Done` commands, oldest first, for forgetting beyond the bound.
+    done_order: VecDeque<String>,
+    /// FIFO of each session that has a worker; a session is present exactly while its
+    /// worker runs.
+    sessions: HashMap<String, VecDeque<Job>>,
+    /// The current connection's writer; `None` while disconnected.
+    outbound: Option<mpsc::Sender<proto::AgentMessage>>,
+    /// Set at shutdown: nothing new starts.
+    draining: bool,
+}
+
+#[derive(Debug)]
+struct Inner {
+    runtime: Arc<dyn SessionRuntime>,
+    remembered: usize,
+    state: Mutex<State>,
+    /// Commands executing right now, for draining at shutdown.
+    running: watch::Sender<usize>,
+}
+
+/// The command executor. Cheap to clone; clones share state.
+#[derive(Clone, Debug)]
+pub(crate) struct Executor {
+    inner: Arc<Inner>,
+}
+
+impl Executor {
+    /// `remembered` bounds how many finished commands are kept for redelivery.
+    pub fn new(runtime: Arc<dyn SessionRuntime>, remembered: usize) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                runtime,
+                remembered: remembered.max(1),
+                state: Mutex::new(State::default()),
+                running: watch::channel(0).0,
+            }),
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        lock(&self.inner.state)
+    }
+
+    /// Results from now on go to `outbound` (the new connection's writer).
+    pub fn attach(&self, outbound: mpsc::Sender<proto::AgentMessage>) {
+        self.state().outbound = Some(outbound);
+    }
+
+    /// The connection is gone: results are kept, not sent, until redelivery.
+    pub fn detach(&self) {
+        self.state().outbound = None;
+    }
+
+    /// Commands acked and not yet finished.
+    pub fn in_progress(&self) -> u32 {
+        let state = self.state();
+        let n = state
+            .commands
+            .values()
+            .filter(|e| !matches!(e.phase, Phase::Done(_)))
+            .count();
+        u32::try_from(n).unwrap_or(u32::MAX)
+    }
+
+    /// Decides what a delivered command needs: an `Ack` always, plus the stored result
+    /// when it already finished (redelivery), or a ticket when it is new.
+    pub fn on_command(&self, cmd: proto::Command) -> Delivery {
+        let mut state = self.state();
+        if state.draining {
+            // Not acked: the lease is released when the stream closes and another
+            // connection gets it.
+            return Delivery::default();
+        }
+        let ack = message(Msg::Ack(proto::Ack {
+            command_id: cmd.command_id.clone(),
+            lease_token: cmd.lease_token,
+        }));
+        let mut delivery = Delivery {
+            messages: vec![ack],
+            ticket: None,
+        };
+        if let Some(entry) = state.commands.get_mut(&cmd.command_id) {
+            entry.lease_token = cmd.lease_token;
+            if let Phase::Done(outcome) = &entry.phase {
+                tracing::info!(command_id = %cmd.command_id, lease_token = cmd.lease_token, "redelivered command already finished; re-sending its result");
+                delivery
+                    .messages
+                    .push(result(&cmd.command_id, cmd.lease_token, outcome.clone()));
+            } else {
+                tracing::info!(command_id = %cmd.command_id, lease_token = cmd.lease_token, "redelivered command still in progress; will report under the new lease");
+            }
+            return delivery;
+        }
+        match decode(&cmd) {
+            Ok(job) => {
+                state.commands.insert(
+                    cmd.command_id.clone(),
+                    Entry {
+                        lease_token: cmd.lease_token,
+                        phase: Phase::Received,
+                    },
+                );
+                delivery.ticket = Some(Ticket(job));
+            }
+            Err(outcome) => {
+                tracing::warn!(command_id = %cmd.command_id, action = %cmd.action, ?outcome, "command refused");
+                delivery
+                    .messages
+                    .push(result(&cmd.command_id, cmd.lease_token, outcome.clone()));
+                state.finish(
+                    &cmd.command_id,
+                    cmd.lease_token,
+                    outcome,
+                    self.inner.remembered,
+                );
+            }
+        }
+        delivery
+    }
+
+    /// Queues a new command behind earlier ones of its session, starting the session's
+    /// worker when it has none.
+    pub fn start(&self, Ticket(job): Ticket) {
+        let mut state = self.state();
+        if let Some(entry) = state.commands.get_mut(&job.command_id) {
+            entry.phase = Phase::Queued;
+        }
+        let session_id = job.session_id.clone();
+        match state.sessions.get_mut(&session_id) {
+            Some(queue) => queue.push_back(job),
+            None => {
+                state
+                    .sessions
+                    .insert(session_id.clone(), VecDeque::from([job]));
+                tokio::spawn(worker(self.inner.clone(), session_id));
+            }
+        }
+    }
+
+    /// Sends a delivery's messages through `outbound`, then starts its command (also when
+    /// sending failed: the command was received, and its result will be re-sent on
+    /// redelivery).
+    pub async fn deliver(&self, cmd: proto::Command, outbound: &mpsc::Sender<proto::AgentMessage>) {
+        let delivery = self.on_command(cmd);
+        for msg in delivery.messages {
+            if outbound.send(msg).await.is_err() {
+                break;
+            }
+        }
+        if let Some(ticket) = delivery.ticket {
+            self.start(ticket);
+        }
+    }
+
+    /// Drops a command that has not started yet and returns its (failed) result; a command
+    /// already running, finished or unknown is left alone.
+    pub fn on_cancel(&self, cancel: &proto::Cancel) -> Option<proto::AgentMessage> {
+        let mut state = self.state();
+        let entry = state.commands.get(&cancel.command_id)?;
+        if !matches!(entry.phase, Phase::Queued | Phase::Received) {
+            tracing::info!(command_id = %cancel.command_id, "cancel ignored: the command already started");
+            return None;
+        }
+        let lease_token = entry.lease_token;
+        for queue in state.sessions.values_mut() {
+            queue.retain(|job| job.command_id != cancel.command_id);
+        }
+        let outcome = Outcome::permanent(format!("cancelled: {}", cancel.reason));
+        tracing::info!(command_id = %cancel.command_id, reason = %cancel.reason, "command cancelled before it started");
+        state.finish(
+            &cancel.command_id,
+            lease_token,
+            outcome.clone(),
+            self.inner.remembered,
+        );
+        Some(result(&cancel.command_id, lease_token, outcome))
+    }
+
+    /// Stops starting commands and waits up to `grace` for running ones to finish and
+    /// hand their results to the writer. Queued commands stay unexecuted (and unreported:
+    /// the dispatcher redelivers them).
+    pub async fn drain(&self, grace: Duration) {
+        self.state().draining = true;
+        let mut running = self.inner.running.subscribe();
+        if tokio::time::timeout(grace, running.wait_for(|n| *n == 0))
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                running = *running.borrow(),
+                grace_ms = grace.as_millis() as u64,
+                "commands still running at shutdown; their results will be re-sent on redelivery to a new agent process"
+            );
+        }
+    }
+}
+
+/// Locks a std mutex that is never held across an await. Poisoning means a panic while
+/// held; every update of [`State`] is a single step, so the data is still consistent.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl State {
+    fn finish(&mut self, command_id: &str, lease_token: i64, outcome: Outcome, remembered: usize) {
+        self.commands.insert(
+            command_id.to_owned(),
+            Entry {
+                lease_token,
+                phase: Phase::Done(outcome),
+            },
+        );
+        self.done_order.push_back(command_id.to_owned());
+        // Forget the oldest results beyond the bound. A redelivery of a forgotten command
+        // executes again, which the runtime's idempotence makes harmless.
+        while self.done_order.len() > remembered {
+            if let Some(old) = self.done_order.pop_front() {
+                self.commands.remove(&old);
+            }
+        }
+    }
+}
+
+fn message(msg: Msg) -> proto::AgentMessage {
+    proto::AgentMessage { msg: Some(msg) }
+}
+
+fn result(command_id: &str, lease_token: i64, outcome: Outcome) -> proto::AgentMessage {
+    message(Msg::Result(proto::CommandResult {
+        command_id: command_id.to_owned(),
+        lease_token,
+        outcome: Some(outcome.into_proto()),
+    }))
+}
+
+/// Turns a delivered command into a job, or the permanent failure to report.
+fn decode(cmd: &proto::Command) -> Result<Job, Outcome> {
+    // An empty payload means "no fields", not malformed JSON.
+    let payload = if cmd.payload_json.trim().is_empty() {
+        serde_json::Value::Object(Default::default())
+    } else {
+        serde_json::from_str(&cmd.payload_json).map_err(|e| {
+            Outcome::permanent(format!("invalid payload JSON for {}: {e}", cmd.action))
+        })?
+    };
+    let kind = CommandKind::decode(&cmd.action, &payload)
+        .map_err(|e| Outcome::permanent(e.to_string()))?;
+    let session_id = cmd
+        .session_id
+        .clone()
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| Outcome::permanent(format!("{} needs a session_id", cmd.action)))?;
+    Ok(Job {
+        command_id: cmd.command_id.clone(),
+        session_id,
+        kind,
+        deadline_unix_ms: cmd.deadline_unix_ms,
+    })
+}
+
+/// Runs one session's commands in arrival order until its queue is empty.
+async fn worker(inner: Arc<Inner>, session_id: String) {
+    loop {
+        let job = {
+            let mut state = lock(&inner.state);
+            let next = if state.draining {
+                None
+            } else {
+                state
+                    .sessions
+                    .get_mut(&session_id)
+                    .and_then(VecDeque::pop_front)
+            };
+            let Some(job) = next else {
+                // Removed under the same lock `start` pushes under, so no job is stranded.
+                state.sessions.remove(&session_id);
+                return;
+            };
+            if let Some(entry) = state.commands.get_mut(&job.command_id) {
+                entry.phase = Phase::Running;
+            }
+            inner.running.send_modify(|n| *n += 1);
+            job
+        };
+        let command_id = job.command_id.clone();
+        let outcome = execute(&inner.runtime, job).await;
+        let (msg, outbound) = {
+            let mut state = lock(&inner.state);
+            // The entry cannot have been evicted: only Done entries are, and this one
+            // is Running. Fall back to the job's own lease for robustness anyway.
+            let lease_token = state.commands.get(&command_id).map_or(0, |e| e.lease_token);
+            state.finish(&command_id, lease_token, outcome.clone(), inner.remembered);
+            (
+                result(&command_id, lease_token, outcome),
+                state.outbound.clone(),
+            )
+        };
+        if let Some(outbound) = outbound
+            && outbound.send(msg).await.is_err()
+        {
+            tracing::debug!(
+                command_id,
+                "connection closed before the result was sent; kept for redelivery"
+            );
+        }
+        // Counted down only after the result is with the writer, so draining at shutdown
+        // waits for results to be queued, not just computed.
+        inner.running.send_modify(|n| *n -= 1);
+    }
+}
+
+async fn execute(runtime: &Arc<dyn SessionRuntime>, job: Job) -> Outcome {
+    if job.deadline_unix_ms > 0 && unix_ms() > job.deadline_unix_ms {
+        return Outcome::permanent("deadline passed before the command could start");
+    }
+    let span = tracing::info_span!("command", command_id = %job.command_id, session_id = %job.session_id, action = %job.kind.action());
+    // Its own task, so a panicking runtime fails this command instead of killing the
+    // session's worker and stranding the commands behind it.
+    let runtime = runtime.clone();
+    let Job {
+        session_id, kind, ..
+    } = job;
+    let call = tokio::spawn(
+        async move {
+            tracing::info!("executing");
+            match &kind {
+                CommandKind::StartSession(spec) => runtime.start(&session_id, spec).await,
+                CommandKind::StopSession(spec) => runtime.stop(&session_id, spec).await,
+                CommandKind::HibernateSession(spec) => runtime.hibernate(&session_id, spec).await,
+                CommandKind::WakeSession(spec) => runtime.wake(&session_id, spec).await,
+            }
+        }
+        .instrument(span.clone()),
+    );
+    let outcome = match call.await {
+        Ok(Ok(obs)) => Outcome::Completed(obs),
+        Ok(Err(e)) => Outcome::Failed {
+            message: e.message,
+            retryable: e.retryable,
+        },
+        Err(e) => Outcome::Failed {
+            message: format!("runtime operation panicked: {e}"),
+            retryable: true,
+        },
+    };
+    span.in_scope(|| tracing::info!(?outcome, "executed"));
+    outcome
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+
+    use streamspace_core::command::{HibernateSession, StartSession, StopSession, WakeSession};
+    use tokio::sync::{Semaphore, broadcast};
+
+    use super::*;
+    use crate::runtime::{RuntimeError, SessionState, async_trait};
+
+    /// A runtime that records calls and can hold a session's calls until released.
+    #[derive(Default)]
+    struct FakeRuntime {
+        calls: Mutex<Vec<String>>,
+        gates: Mutex<HashMap<String, Arc<Semaphore>>>,
+        entered: Mutex<Option<mpsc::UnboundedSender<String>>>,
+    }
+
+    impl std::fmt::Debug for FakeRuntime {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("FakeRuntime")
+        }
+    }
+
+    impl FakeRuntime {
+        fn calls(&self) -> Vec<String> {
+            self.calls.lock().unwrap().clone()
+        }
+
+        /// Calls for `session` block until [`release`](Self::release) gives permits.
+        fn hold(&self, session: &str) -> Arc<Semaphore> {
+            let gate = Arc::new(Semaphore::new(0));
+            self.gates
+                .lock()
+                .unwrap()
+                .insert(session.to_owned(), gate.clone());
+            gate
+        }
+
+        async fn call(&self, what: &str, session: &str) -> Result<Observation, RuntimeError> {
+            let name = format!("{what} {session}");
+            if let Some(tx) = &*self.entered.lock().unwrap() {
+                let _ = tx.send(name.clone());
+            }
+            let gate = self.gates.lock().unwrap().get(session).cloned();
+            if let Some(gate) = gate {
+                gate.acquire().await.unwrap().forget();
+            }
+            self.calls.lock().unwrap().push(name);
+            Ok(Observation::new(session, SessionState::Running))
+        }
+    }
+
+    #[async_trait]
+    impl SessionRuntime for FakeRuntime {
+        fn name(&self) -> &'static str {
+            "fake"
+        }
+        async fn start(&self, s: &str, _: &StartSession) -> Result<Observation, RuntimeError> {
+            self.call("start", s).await
+        }
+        async fn stop(&self, s: &str, _: &StopSession) -> Result<Observation, RuntimeError> {
+            self.call("stop", s).await
+        }
+        async fn hibernate(
+            &self,
+            s: &str,
+            _: &HibernateSession,
+        ) -> Result<Observation, RuntimeError> {
+            self.call("hibernate", s).await
+        }
+        async fn wake(&self, s: &str, _: &WakeSession) -> Result<Observation, RuntimeError> {
+            self.call("wake", s).await
+        }
+        async fn list(&self) -> Result<Vec<Observation>, RuntimeError> {
+            Ok(Vec::new())
+        }
+        fn subscribe(&self) -> broadcast::Receiver<Observation> {
+            broadcast::channel(1).1
+        }
+    }
+
+    struct Harness {
+        runtime: Arc<FakeRuntime>,
+        executor: Executor,
+        tx: mpsc::Sender<proto::AgentMessage>,
+        rx: mpsc::Receiver<proto::AgentMessage>,
+    }
+
+    fn harness() -> Harness {
+        let runtime = Arc::new(FakeRuntime::default());
+        let executor = Executor::new(runtime.clone(), 100);
+        let (tx, rx) = mpsc::channel(64);
+        executor.attach(tx.clone());
+        Harness {
+            runtime,
+            executor,
+            tx,
+            rx,
+        }
+    }
+
+    fn command(id: &str, session: Option<&str>, action: &str, lease: i64) -> proto::Command {
+        let payload = if action == "start_session" {
+            r#"{"template":"firefox-browser"}"#
+        } else {
+            "{}"
+        };
+        proto::Command {
+            command_id: id.into(),
+            session_id: session.map(Into::into),
+            action: action.into(),
+            payload_json: payload.into(),
+            lease_token: lease,
+            attempt: 1,
+            deadline_unix_ms: 0,
+            trace_context: String::new(),
+        }
+    }
+
+    impl Harness {
+        async fn deliver(&self, cmd: proto::Command) {
+            self.executor.deliver(cmd, &self.tx).await;
+        }
+
+        /// The next message, with a generous deadline so a hang fails instead of blocking.
+        async fn next(&mut self) -> Msg {
+            tokio::time::timeout(Duration::from_secs(10), self.rx.recv())
+                .await
+                .expect("no message within the deadline")
+                .expect("channel closed")
+                .msg
+                .unwrap()
+        }
+
+        async fn next_result(&mut self) -> proto::CommandResult {
+            loop {
+                if let Msg::Result(r) = self.next().await {
+                    return r;
+                }
+            }
+        }
+    }
+
+    fn failed(r: &proto::CommandResult) -> Option<(&str, bool)> {
+        match r.outcome.as_ref()? {
+            proto::command_result::Outcome::Failed(f) => Some((&f.message, f.retryable)),
+            _ => None,
+        }
+    }
+
+    #[tokio::test]
+    async fn ack_precedes_result_and_redelivery_replays_under_the_new_lease() {
+        let mut h = harness();
+        h.deliver(command("cmd-1", Some("s1"), "start_session", 10))
+            .await;
+        assert!(matches!(h.next().await, Msg::Ack(a) if a.lease_token == 10));
+        let first = h.next_result().await;
+        assert_eq!(first.lease_token, 10);
+        assert!(matches!(
+            first.outcome,
+            Some(proto::command_result::Outcome::Completed(_))
+        ));
+
+        h.deliver(command("cmd-1", Some("s1"), "start_session", 11))
+            .await;
+        assert!(matches!(h.next().await, Msg::Ack(a) if a.lease_token == 11));
+        let replay = h.next_result().await;
+        assert_eq!(replay.lease_token, 11);
+        assert_eq!(replay.outcome, first.outcome);
+        assert_eq!(h.runtime.calls(), ["start s1"], "executed once");
+    }
+
+    #[tokio::test]
+    async fn one_session_is_serial_others_are_not_blocked() {
+        let mut h = harness();
+        let (entered_tx, mut entered) = mpsc::unbounded_channel();
+        *h.runtime.entered.lock().unwrap() = Some(entered_tx);
+        let gate = h.runtime.hold("slow");
+        h.deliver(command("cmd-a1", Some("slow"), "start_session", 1))
+            .await;
+        h.deliver(command("cmd-a2", Some("slow"), "hibernate_session", 2))
+            .await;
+        h.deliver(command("cmd-a3", Some("slow"), "stop_session", 3))
+            .await;
+        h.deliver(command("cmd-b1", Some("fast"), "start_session", 4))
+            .await;
+        let mut first_calls = vec![entered.recv().await.unwrap(), entered.recv().await.unwrap()];
+        first_calls.sort();
+        assert_eq!(first_calls, ["start fast", "start slow"]);
+
+        // The other session completes while the slow one is held, and the slow session's
+        // later commands have not begun.
+        let r = h.next_result().await;
+        assert_eq!(r.command_id, "cmd-b1");
+        assert_eq!(h.executor.in_progress(), 3);
+        while let Ok(call) = entered.try_recv() {
+            assert!(
+                !call.contains("slow"),
+                "a later command of the held session started: {call}"
+            );
+        }
+
+        gate.add_permits(3);
+        let order: Vec<String> = [
+            h.next_result().await,
+            h.next_result().await,
+            h.next_result().await,
+        ]
+        .into_iter()
+        .map(|r| r.command_id)
+        .collect();
+        assert_eq!(order, ["cmd-a1", "cmd-a2", "cmd-a3"]);
+        assert_eq!(
+            h.runtime.calls(),
+            ["start fast", "start slow", "hibernate slow", "stop slow"]
+        );
+        assert_eq!(h.executor.in_progress(), 0);
+    }
+
+    #[tokio::test]
+    async fn redelivery_while_running_reports_under_the_latest_lease() {
+        let mut h = harness();
+        let gate = h.runtime.hold("s1");
+        h.deliver(command("cmd-1", Some("s1"), "start_session", 5))
+            .await;
+        h.deliver(command("cmd-1", Some("s1"), "start_session", 6))
+            .await;
+        h.deliver(command("cmd-1", Some("s1"), "start_session", 7))
+            .await;
+        gate.add_permits(1);
+        let r = h.next_result().await;
+        assert_eq!(r.lease_token, 7);
+        assert_eq!(h.runtime.calls(), ["start s1"]);
+        h.tx.send(proto::AgentMessage::default()).await.unwrap();
+        // Nothing else is reported: the sentinel is the next message.
+        assert!(h.rx.recv().await.unwrap().msg.is_none());
+    }
+
+    #[tokio::test]
+    async fn results_finished_while_disconnected_are_replayed_on_redelivery() {
+        let mut h = harness();
+        let gate = h.runtime.hold("s1");
+        h.deliver(command("cmd-1", Some("s1"), "start_session", 1))
+            .await;
+        assert!(matches!(h.next().await, Msg::Ack(_)));
+        h.executor.detach();
+        gate.add_permits(1);
+        // Wait for it to finish while detached.
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while h.executor.in_progress() != 0 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .unwrap();
+        h.executor.attach(h.tx.clone());
+        h.deliver(command("cmd-1", Some("s1"), "start_session", 2))
+            .await;
+        assert!(matches!(h.next().await, Msg::Ack(a) if a.lease_token == 2));
+        assert_eq!(h.next_result().await.lease_token, 2);
+        assert_eq!(h.runtime.calls(), ["start s1"]);
+    }
+
+    #[tokio::test]
+    async fn cancel_drops_a_queued_command_but_not_a_running_one() {
+        let mut h = harness();
+        let (entered_tx, mut entered) = mpsc::unbounded_channel();
+        *h.runtime.entered.lock().unwrap() = Some(entered_tx);
+        let gate = h.runtime.hold("s1");
+        h.deliver(command("cmd-1", Some("s1"), "start_session", 1))
+            .await;
+        h.deliver(command("cmd-2", Some("s1"), "stop_session", 2))
+            .await;
+        assert_eq!(entered.recv().await.unwrap(), "start s1");
+        let cancel = |id: &str| proto::Cancel {
+            command_id: id.into(),
+            reason: "user withdrew it".into(),
+        };
+        assert!(h.executor.on_cancel(&cancel("cmd-1")).is_none(), "running");
+        let Some(proto::AgentMessage {
+            msg: Some(Msg::Result(r)),
+        }) = h.executor.on_cancel(&cancel("cmd-2"))
+        else {
+            panic!("queued command not cancelled");
+        };
+        assert_eq!(failed(&r), Some(("cancelled: user withdrew it", false)));
+        gate.add_permits(1);
+        assert_eq!(h.next_result().await.command_id, "cmd-1");
+        assert_eq!(
+            h.runtime.calls(),
+            ["start s1"],
+            "cancelled command never ran"
+        );
+    }
+
+    #[tokio::test]
+    async fn undecodable_sessionless_and_expired_commands_fail_permanently() {
+        let mut h = harness();
+        h.deliver(command("cmd-1", Some("s1"), "reboot_cluster", 1))
+            .await;
+        let r = h.next_result().await;
+        assert!(failed(&r).unwrap().0.contains("unknown action"), "{r:?}");
+
+        h.deliver(command("cmd-2", None, "stop_session", 2)).await;
+        let r = h.next_result().await;
+        assert_eq!(failed(&r), Some(("stop_session needs a session_id", false)));
+
+        let mut bad = command("cmd-3", Some("s1"), "start_session", 3);
+        bad.payload_json = "{not json".into();
+        h.deliver(bad).await;
+        let r = h.next_result().await;
+        assert!(!failed(&r).unwrap().1);
+
+        let mut late = command("cmd-4", Some("s1"), "stop_session", 4);
+        late.deadline_unix_ms = 1;
+        h.deliver(late).await;
+        let r = h.next_result().await;
+        let (message, retryable) = failed(&r).unwrap();
+        assert!(
+            message.contains("deadline passed") && !retryable,
+            "{message}"
+        );
+        assert!(h.runtime.calls().is_empty());
+    }
+
+    #[tokio::test]
+    async fn remembered_results_are_bounded() {
+        let runtime = Arc::new(FakeRuntime::default());
+        let executor = Executor::new(runtime.clone(), 2);
+        for i in 0..5 {
+            let cmd = command(&format!("cmd-{i}"), None, "stop_session", i);
+            let _ = executor.on_command(cmd);
+        }
+        let state = executor.state();
+        assert_eq!(state.commands.len(), 2);
+        assert!(state.commands.contains_key("cmd-4") && state.commands.contains_key("cmd-3"));
+    }
+
+    #[tokio::test]
+    async fn draining_refuses_new_commands_and_waits_for_running_ones() {
+        let mut h = harness();
+        let gate = h.runtime.hold("s1");
+        h.deliver(command("cmd-1", Some("s1"), "start_session", 1))
+            .await;
+        assert!(matches!(h.next().await, Msg::Ack(_)));
+        let drain = tokio::spawn({
+            let executor = h.executor.clone();
+            async move { executor.drain(Duration::from_secs(30)).await }
+        });
+        // Draining is observable before the held command is released.
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while !h.executor.state().draining {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .unwrap();
+        let d = h
+            .executor
+            .on_command(command("cmd-2", Some("s2"), "start_session", 2));
+        assert!(d.messages.is_empty() && d.ticket.is_none());
+        gate.add_permits(1);
+        drain.await.unwrap();
+        assert_eq!(h.next_result().await.command_id, "cmd-1");
+    }
+}
