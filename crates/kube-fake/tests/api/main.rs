@@ -2,6 +2,7 @@
 //! kubeconfig, exactly as the agent's Kubernetes runtime will.
 
 mod crud;
+mod deploy;
 mod helpers;
 mod process;
 mod propagation;

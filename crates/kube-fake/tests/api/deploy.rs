@@ -1,0 +1,486 @@
+//! `deploy/`: every kustomize overlay renders with `kubectl kustomize`, every object
+//! parses into its typed k8s-openapi struct without losing a field (so a misspelt key
+//! fails), and the rendered objects fit together: probes on the health endpoints, limits
+//! everywhere, non-root pods, PDBs and Services that select real pods, the agent's
+//! network reach limited to the dispatcher and the API server.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Container, Namespace, PodSpec, PodTemplateSpec, Secret, Service, ServiceAccount,
+};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use serde_json::Value;
+
+/// One rendered object, typed.
+#[derive(Debug)]
+pub enum Object {
+    Namespace(Namespace),
+    Deployment(Box<Deployment>),
+    Service(Service),
+    Job(Box<Job>),
+    ConfigMap(ConfigMap),
+    Secret(Secret),
+    ServiceAccount(ServiceAccount),
+    Role(Role),
+    RoleBinding(RoleBinding),
+    PodDisruptionBudget(PodDisruptionBudget),
+    NetworkPolicy(NetworkPolicy),
+}
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// `kubectl`, from `$KUBECTL` or the `PATH`; fails with what to install.
+fn kubectl() -> PathBuf {
+    if let Some(path) = std::env::var_os("KUBECTL") {
+        return PathBuf::from(path);
+    }
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|dir| dir.join("kubectl"))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "kubectl not found on PATH: install kubectl 1.27 or newer (it bundles kustomize), \
+                 e.g. `apt-get install kubectl` from the Kubernetes apt repository, or set KUBECTL=/path/to/kubectl"
+            )
+        })
+}
+
+/// Renders a kustomization directory and returns every object as JSON.
+pub fn render(dir: &Path) -> Vec<Value> {
+    let out = Command::new(kubectl())
+        .arg("kustomize")
+        .arg(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("running kubectl kustomize {}: {e}", dir.display()));
+    assert!(
+        out.status.success(),
+        "kubectl kustomize {} failed: {}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let yaml = String::from_utf8(out.stdout).expect("kustomize prints UTF-8");
+    serde_saphyr::from_multiple::<Value>(&yaml)
+        .unwrap_or_else(|e| panic!("rendered YAML of {} does not parse: {e}", dir.display()))
+        .into_iter()
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+/// Parses into `K` and back; any field that does not survive was not understood.
+fn typed<K>(value: &Value) -> K
+where
+    K: serde::de::DeserializeOwned + serde::Serialize,
+{
+    let name = format!("{} {}", value["kind"], value["metadata"]["name"]);
+    let parsed: K = serde_json::from_value(value.clone())
+        .unwrap_or_else(|e| panic!("{name} does not parse as its typed struct: {e}"));
+    let back = serde_json::to_value(&parsed).unwrap();
+    assert_eq!(
+        &back, value,
+        "{name} lost or changed fields in the typed round trip (a misspelt or misplaced key?)"
+    );
+    parsed
+}
+
+pub fn parse(value: &Value) -> Object {
+    let kind = (
+        value["apiVersion"].as_str().unwrap_or(""),
+        value["kind"].as_str().unwrap_or(""),
+    );
+    match kind {
+        ("v1", "Namespace") => Object::Namespace(typed(value)),
+        ("apps/v1", "Deployment") => Object::Deployment(Box::new(typed(value))),
+        ("v1", "Service") => Object::Service(typed(value)),
+        ("batch/v1", "Job") => Object::Job(Box::new(typed(value))),
+        ("v1", "ConfigMap") => Object::ConfigMap(typed(value)),
+        ("v1", "Secret") => Object::Secret(typed(value)),
+        ("v1", "ServiceAccount") => Object::ServiceAccount(typed(value)),
+        ("rbac.authorization.k8s.io/v1", "Role") => Object::Role(typed(value)),
+        ("rbac.authorization.k8s.io/v1", "RoleBinding") => Object::RoleBinding(typed(value)),
+        ("policy/v1", "PodDisruptionBudget") => Object::PodDisruptionBudget(typed(value)),
+        ("networking.k8s.io/v1", "NetworkPolicy") => Object::NetworkPolicy(typed(value)),
+        other => panic!("unexpected object {other:?}: add it to the typed parse"),
+    }
+}
+
+fn overlays() -> Vec<PathBuf> {
+    let dir = repo_root().join("deploy/overlays");
+    let mut found: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()))
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.join("kustomization.yaml").is_file())
+        .collect();
+    found.sort();
+    let names: Vec<_> = found
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        names,
+        ["dev", "production"],
+        "every overlay is tested; update this list when adding one"
+    );
+    found
+}
+
+/// The rendered objects of one overlay, grouped for the cross-checks.
+#[derive(Default)]
+struct Rendered {
+    deployments: BTreeMap<String, Deployment>,
+    services: Vec<Service>,
+    jobs: Vec<Job>,
+    config_maps: Vec<String>,
+    secrets: Vec<Secret>,
+    pdbs: Vec<PodDisruptionBudget>,
+    policies: BTreeMap<String, NetworkPolicy>,
+    roles: Vec<Role>,
+    bindings: Vec<RoleBinding>,
+    service_accounts: Vec<String>,
+    namespaces: Vec<String>,
+}
+
+fn rendered(dir: &Path) -> Rendered {
+    let mut r = Rendered::default();
+    for value in render(dir) {
+        match parse(&value) {
+            Object::Deployment(d) => {
+                r.deployments.insert(d.metadata.name.clone().unwrap(), *d);
+            }
+            Object::Service(s) => r.services.push(s),
+            Object::Job(j) => r.jobs.push(*j),
+            Object::ConfigMap(c) => r.config_maps.push(c.metadata.name.unwrap()),
+            Object::Secret(s) => r.secrets.push(s),
+            Object::PodDisruptionBudget(p) => r.pdbs.push(p),
+            Object::NetworkPolicy(p) => {
+                r.policies.insert(p.metadata.name.clone().unwrap(), p);
+            }
+            Object::Role(role) => r.roles.push(role),
+            Object::RoleBinding(b) => r.bindings.push(b),
+            Object::ServiceAccount(sa) => r.service_accounts.push(sa.metadata.name.unwrap()),
+            Object::Namespace(ns) => r.namespaces.push(ns.metadata.name.unwrap()),
+        }
+    }
+    r
+}
+
+fn pod_spec(t: &PodTemplateSpec) -> &PodSpec {
+    t.spec.as_ref().expect("pod template has a spec")
+}
+
+fn labels_match(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
+    !selector.is_empty() && selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+fn template_labels(d: &Deployment) -> BTreeMap<String, String> {
+    d.spec
+        .as_ref()
+        .unwrap()
+        .template
+        .metadata
+        .as_ref()
+        .unwrap()
+        .labels
+        .clone()
+        .unwrap()
+}
+
+/// Every container: an image, requests and limits for CPU and memory, no privilege.
+fn check_pod(owner: &str, spec: &PodSpec, r: &Rendered) {
+    let pod_sc = spec
+        .security_context
+        .as_ref()
+        .unwrap_or_else(|| panic!("{owner}: no pod securityContext"));
+    assert_eq!(pod_sc.run_as_non_root, Some(true), "{owner}: runAsNonRoot");
+    assert!(
+        pod_sc.run_as_user.is_some_and(|u| u != 0),
+        "{owner}: non-root uid"
+    );
+    for c in &spec.containers {
+        check_container(owner, c);
+    }
+    for v in spec.volumes.iter().flatten() {
+        if let Some(cm) = &v.config_map {
+            assert!(
+                r.config_maps.contains(&cm.name),
+                "{owner}: ConfigMap {} is not rendered",
+                cm.name
+            );
+        }
+    }
+}
+
+fn check_container(owner: &str, c: &Container) {
+    assert!(
+        c.image.as_deref().is_some_and(|i| i.contains(':')),
+        "{owner}: image with a tag"
+    );
+    let res = c
+        .resources
+        .as_ref()
+        .unwrap_or_else(|| panic!("{owner}: no resources"));
+    for (what, map) in [("requests", &res.requests), ("limits", &res.limits)] {
+        let map = map.as_ref().unwrap_or_else(|| panic!("{owner}: no {what}"));
+        assert!(
+            map.contains_key("cpu") && map.contains_key("memory"),
+            "{owner}: {what} need cpu and memory"
+        );
+    }
+    let sc = c
+        .security_context
+        .as_ref()
+        .unwrap_or_else(|| panic!("{owner}: no container securityContext"));
+    assert_eq!(sc.allow_privilege_escalation, Some(false), "{owner}");
+    assert_eq!(sc.read_only_root_filesystem, Some(true), "{owner}");
+    assert_eq!(
+        sc.capabilities.as_ref().and_then(|c| c.drop.clone()),
+        Some(vec!["ALL".to_owned()]),
+        "{owner}"
+    );
+}
+
+fn check(dir: &Path) {
+    let r = rendered(dir);
+    let overlay = dir.file_name().unwrap().to_string_lossy().into_owned();
+    assert_eq!(r.namespaces, ["streamspace", "streamspace-sessions"], "{overlay}");
+    for name in ["api-gateway", "command-dispatcher", "streamspace-agent"] {
+        assert!(
+            r.deployments.contains_key(name),
+            "{overlay}: Deployment {name} missing"
+        );
+    }
+    for (name, d) in &r.deployments {
+        check_pod(
+            &format!("{overlay}/{name}"),
+            pod_spec(&d.spec.as_ref().unwrap().template),
+            &r,
+        );
+    }
+    for job in &r.jobs {
+        check_pod(
+            &format!("{overlay}/job"),
+            pod_spec(&job.spec.as_ref().unwrap().template),
+            &r,
+        );
+    }
+
+    // Probes on the health endpoints.
+    let gw = &pod_spec(&r.deployments["api-gateway"].spec.as_ref().unwrap().template).containers[0];
+    let http_path = |p: &Option<k8s_openapi::api::core::v1::Probe>| {
+        p.as_ref()
+            .and_then(|p| p.http_get.as_ref())
+            .and_then(|h| h.path.clone())
+    };
+    assert_eq!(http_path(&gw.liveness_probe).as_deref(), Some("/healthz"));
+    assert_eq!(http_path(&gw.readiness_probe).as_deref(), Some("/readyz"));
+    let dispatcher = &pod_spec(
+        &r.deployments["command-dispatcher"]
+            .spec
+            .as_ref()
+            .unwrap()
+            .template,
+    )
+    .containers[0];
+    for probe in [
+        &dispatcher.liveness_probe,
+        &dispatcher.readiness_probe,
+        &dispatcher.startup_probe,
+    ] {
+        let grpc = probe
+            .as_ref()
+            .and_then(|p| p.grpc.as_ref())
+            .expect("dispatcher probes are gRPC health");
+        assert_eq!(grpc.port, 7001);
+    }
+
+    // Services and PDBs select the pods they are meant for.
+    for svc in &r.services {
+        let name = svc.metadata.name.clone().unwrap();
+        let selector = svc.spec.as_ref().unwrap().selector.clone().unwrap();
+        let d = r
+            .deployments
+            .values()
+            .find(|d| labels_match(&selector, &template_labels(d)));
+        let d =
+            d.unwrap_or_else(|| panic!("{overlay}: Service {name} selects no Deployment's pods"));
+        let ports: Vec<String> = pod_spec(&d.spec.as_ref().unwrap().template).containers[0]
+            .ports
+            .iter()
+            .flatten()
+            .filter_map(|p| p.name.clone())
+            .collect();
+        for p in svc.spec.as_ref().unwrap().ports.iter().flatten() {
+            if let Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(target)) =
+                &p.target_port
+            {
+                assert!(
+                    ports.contains(target),
+                    "{overlay}: Service {name} targets unknown port {target}"
+                );
+            }
+        }
+    }
+    for name in ["api-gateway", "command-dispatcher"] {
+        let labels = template_labels(&r.deployments[name]);
+        let covered = r.pdbs.iter().any(|p| {
+            let sel = p
+                .spec
+                .as_ref()
+                .unwrap()
+                .selector
+                .as_ref()
+                .unwrap()
+                .match_labels
+                .clone()
+                .unwrap_or_default();
+            labels_match(&sel, &labels)
+        });
+        assert!(covered, "{overlay}: no PodDisruptionBudget covers {name}");
+    }
+    let dispatcher_svc = r
+        .services
+        .iter()
+        .find(|s| s.metadata.name.as_deref() == Some("command-dispatcher"))
+        .unwrap();
+    assert_eq!(
+        dispatcher_svc
+            .spec
+            .as_ref()
+            .unwrap()
+            .ports
+            .as_ref()
+            .unwrap()[0]
+            .app_protocol
+            .as_deref(),
+        Some("kubernetes.io/h2c"),
+        "the dispatcher Service is marked as HTTP/2 (gRPC)"
+    );
+
+    // The migration Job runs the one-shot migrate mode.
+    let job = r.jobs.first().expect("a migration Job");
+    let args = pod_spec(&job.spec.as_ref().unwrap().template).containers[0]
+        .args
+        .clone()
+        .unwrap();
+    assert!(
+        args.contains(&"--migrate".into()) && args.contains(&"--exit-after-migrate".into()),
+        "{args:?}"
+    );
+
+    // The agent: its own service account, bound to its Role in the sessions namespace,
+    // and network reach limited to the dispatcher and the API server.
+    let agent = pod_spec(
+        &r.deployments["streamspace-agent"]
+            .spec
+            .as_ref()
+            .unwrap()
+            .template,
+    );
+    assert_eq!(
+        agent.service_account_name.as_deref(),
+        Some("streamspace-agent")
+    );
+    assert!(r.service_accounts.contains(&"streamspace-agent".to_owned()));
+    let role = r
+        .roles
+        .iter()
+        .find(|x| x.metadata.name.as_deref() == Some("streamspace-agent"))
+        .unwrap();
+    assert_eq!(
+        role.metadata.namespace.as_deref(),
+        Some("streamspace-sessions")
+    );
+    let binding = r
+        .bindings
+        .iter()
+        .find(|b| b.role_ref.name == "streamspace-agent")
+        .unwrap();
+    let subject = &binding.subjects.as_ref().unwrap()[0];
+    assert_eq!(
+        (
+            subject.kind.as_str(),
+            subject.name.as_str(),
+            subject.namespace.as_deref()
+        ),
+        ("ServiceAccount", "streamspace-agent", Some("streamspace"))
+    );
+    let policy = &r.policies["streamspace-agent"];
+    let spec = policy.spec.as_ref().unwrap();
+    assert_eq!(
+        spec.ingress.as_deref().map(<[_]>::len),
+        Some(0),
+        "nothing dials the agent"
+    );
+    let egress = spec.egress.as_ref().unwrap();
+    assert_eq!(egress.len(), 2, "dispatcher and API server only");
+    let to_dispatcher = egress[0].to.as_ref().unwrap()[0]
+        .pod_selector
+        .as_ref()
+        .unwrap()
+        .match_labels
+        .clone()
+        .unwrap();
+    assert!(labels_match(
+        &to_dispatcher,
+        &template_labels(&r.deployments["command-dispatcher"])
+    ));
+    assert!(egress[1].to.as_ref().unwrap()[0].ip_block.is_some());
+    assert!(r.policies.contains_key("default-deny"));
+
+    // Secrets, where rendered, hold placeholders only.
+    for s in &r.secrets {
+        for v in s.string_data.iter().flat_map(|d| d.values()) {
+            assert!(
+                v.contains("REPLACE-ME"),
+                "{overlay}: Secret {:?} carries a value that is not a placeholder",
+                s.metadata.name
+            );
+        }
+        assert!(
+            s.data.is_none(),
+            "{overlay}: Secrets carry placeholders in stringData only"
+        );
+    }
+}
+
+#[test]
+fn every_overlay_renders_parses_and_fits_together() {
+    for dir in overlays() {
+        check(&dir);
+    }
+}
+
+#[test]
+fn production_runs_three_replicas_and_carries_no_placeholder_secrets() {
+    let r = rendered(&repo_root().join("deploy/overlays/production"));
+    for name in ["api-gateway", "command-dispatcher"] {
+        assert_eq!(
+            r.deployments[name].spec.as_ref().unwrap().replicas,
+            Some(3),
+            "{name}"
+        );
+    }
+    assert!(
+        r.secrets.is_empty(),
+        "production takes secrets from the cluster, not from the overlay"
+    );
+    assert_eq!(
+        r.deployments["streamspace-agent"]
+            .spec
+            .as_ref()
+            .unwrap()
+            .replicas,
+        Some(1),
+        "one agent per cluster"
+    );
+}
