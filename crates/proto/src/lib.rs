@@ -13,6 +13,13 @@ pub mod agent {
     }
 }
 
+/// The public API (`proto/streamspace/api/v1/api.proto`), served by the api-gateway.
+pub mod api {
+    pub mod v1 {
+        tonic::include_proto!("streamspace.api.v1");
+    }
+}
+
 /// Encoded descriptors of every service, for gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     tonic::include_file_descriptor_set!("streamspace_descriptor");

@@ -207,7 +207,11 @@ pub async fn session_get_snapshot(
 }
 
 /// The session locked for a change, or `NotFound` (also for another user's session).
-async fn session_lock(conn: &mut PgConnection, user_id: &str, id: &str) -> Result<(String, String)> {
+async fn session_lock(
+    conn: &mut PgConnection,
+    user_id: &str,
+    id: &str,
+) -> Result<(String, String)> {
     let row = sqlx::query!(
         r#"SELECT agent_id, state FROM sessions WHERE id = $1 AND user_id = $2 FOR UPDATE"#,
         id,
@@ -261,7 +265,13 @@ pub async fn session_stop(
     {
         // The dispatcher may claim the start between our look and the cancel; the cancel
         // is conditional on `pending`, and when it loses that race we queue a stop below.
-        match CommandQueue::command_cancel(conn, &start, "the session was stopped before its start was delivered").await {
+        match CommandQueue::command_cancel(
+            conn,
+            &start,
+            "the session was stopped before its start was delivered",
+        )
+        .await
+        {
             Ok(()) => {
                 sqlx::query!(
                     r#"

@@ -1,0 +1,228 @@
+//! The gateway's configuration, with documented defaults. Loaded in layers by
+//! `streamspace_core::config::load` (defaults → TOML file → `STREAMSPACE_*` variables).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::Deserialize;
+use streamspace_core::config::{DatabaseConfig, Secret};
+
+/// Default REST listener.
+pub const DEFAULT_HTTP_LISTEN: ([u8; 4], u16) = ([127, 0, 0, 1], 8080);
+/// Default gRPC listener.
+pub const DEFAULT_GRPC_LISTEN: ([u8; 4], u16) = ([127, 0, 0, 1], 9090);
+/// Largest accepted REST request body. Session requests are a few hundred bytes.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 16 * 1024;
+/// Largest accepted gRPC message.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 * 1024;
+/// A request that takes longer than this is answered with a timeout.
+pub const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 10_000;
+/// Agents silent this long count as offline (the dispatcher's default).
+pub const DEFAULT_OFFLINE_AFTER_MS: u64 = 15_000;
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GatewayConfig {
+    pub database: DatabaseConfig,
+    pub http: HttpConfig,
+    pub grpc: GrpcConfig,
+    pub auth: AuthConfig,
+    pub rate_limit: RateLimitConfig,
+    pub placement: PlacementConfig,
+    pub idempotency: IdempotencyConfig,
+    /// JSON log lines instead of human-readable ones.
+    pub log_json: bool,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            database: DatabaseConfig {
+                application_name: "streamspace-api-gateway".into(),
+                ..DatabaseConfig::default()
+            },
+            http: HttpConfig::default(),
+            grpc: GrpcConfig::default(),
+            auth: AuthConfig::default(),
+            rate_limit: RateLimitConfig::default(),
+            placement: PlacementConfig::default(),
+            idempotency: IdempotencyConfig::default(),
+            log_json: false,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    /// REST listener. Port 0 picks a free port.
+    pub listen: SocketAddr,
+    pub max_body_bytes: usize,
+    pub request_timeout_ms: u64,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: DEFAULT_HTTP_LISTEN.into(),
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            request_timeout_ms: DEFAULT_REQUEST_TIMEOUT_MS,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GrpcConfig {
+    /// gRPC listener. Port 0 picks a free port.
+    pub listen: SocketAddr,
+    pub max_message_bytes: usize,
+}
+
+impl Default for GrpcConfig {
+    fn default() -> Self {
+        Self {
+            listen: DEFAULT_GRPC_LISTEN.into(),
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+        }
+    }
+}
+
+/// How bearer JWTs are verified (and, for development only, minted).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Accepted signature algorithms (`HS256`, `HS384`, `HS512`, `RS256`, …, `ES256`,
+    /// `ES384`, `EdDSA`). `none` does not exist here.
+    pub algorithms: Vec<String>,
+    /// Shared secret for the HS* algorithms, at least 32 bytes.
+    pub hmac_secret: Option<Secret<String>>,
+    /// PEM public key for the RS*/PS*/ES*/EdDSA algorithms.
+    pub public_key_pem: Option<String>,
+    /// Required `iss`.
+    pub issuer: String,
+    /// Required `aud` (one of the token's audiences).
+    pub audience: String,
+    /// Claim holding the role(s): a string or an array of strings.
+    pub role_claim: String,
+    /// Role value that grants the admin endpoints.
+    pub admin_role: String,
+    /// Clock skew tolerated on `exp`/`nbf`, in seconds.
+    pub leeway_secs: u64,
+    /// Enables `streamspace-api-gateway mint-token` (HS* secret required). Development
+    /// only: never set it in production configuration.
+    pub dev_tokens: bool,
+    /// Lifetime of minted development tokens, in seconds.
+    pub dev_token_ttl_secs: u64,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            algorithms: vec!["HS256".into()],
+            hmac_secret: None,
+            public_key_pem: None,
+            issuer: "streamspace".into(),
+            audience: "streamspace-api".into(),
+            role_claim: "roles".into(),
+            admin_role: "admin".into(),
+            leeway_secs: 30,
+            dev_tokens: false,
+            dev_token_ttl_secs: 12 * 3600,
+        }
+    }
+}
+
+/// Per-user token buckets, one for reads and one for changes. A bucket holds `burst`
+/// requests and refills at `per_second`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RateLimitConfig {
+    pub enabled: bool,
+    pub read_per_second: f64,
+    pub read_burst: u32,
+    pub write_per_second: f64,
+    pub write_burst: u32,
+}
+
+impl Default for RateLimitConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            // Generous for reads: scripts poll session state in tight loops.
+            read_per_second: 500.0,
+            read_burst: 1000,
+            write_per_second: 20.0,
+            write_burst: 60,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PlacementConfig {
+    /// An agent silent this long is offline and gets no new sessions; keep it equal to the
+    /// dispatchers' `offline_after_ms`.
+    pub offline_after_ms: u64,
+    /// `Retry-After` (seconds) sent with 503 when no agent is eligible.
+    pub retry_after_secs: u64,
+}
+
+impl Default for PlacementConfig {
+    fn default() -> Self {
+        Self {
+            offline_after_ms: DEFAULT_OFFLINE_AFTER_MS,
+            retry_after_secs: 5,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IdempotencyConfig {
+    /// How long a stored answer is replayed for a repeated `Idempotency-Key`.
+    pub retention_hours: u64,
+}
+
+impl Default for IdempotencyConfig {
+    fn default() -> Self {
+        Self {
+            retention_hours: 24,
+        }
+    }
+}
+
+impl GatewayConfig {
+    pub fn offline_after(&self) -> Duration {
+        Duration::from_millis(self.placement.offline_after_ms)
+    }
+
+    /// Refuses settings that cannot work, naming the setting.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.http.max_body_bytes < 1024 {
+            return Err("http.max_body_bytes must be at least 1024".into());
+        }
+        if self.grpc.max_message_bytes < 1024 {
+            return Err("grpc.max_message_bytes must be at least 1024".into());
+        }
+        if self.http.request_timeout_ms == 0 {
+            return Err("http.request_timeout_ms must be positive".into());
+        }
+        if self.placement.offline_after_ms == 0 {
+            return Err("placement.offline_after_ms must be positive".into());
+        }
+        let r = &self.rate_limit;
+        if r.enabled
+            && (r.read_per_second <= 0.0
+                || r.write_per_second <= 0.0
+                || r.read_burst == 0
+                || r.write_burst == 0)
+        {
+            return Err("rate_limit: per_second and burst values must be positive".into());
+        }
+        if self.idempotency.retention_hours == 0 {
+            return Err("idempotency.retention_hours must be positive".into());
+        }
+        crate::auth::Verifier::new(&self.auth).map(|_| ())
+    }
+}

@@ -1,0 +1,380 @@
+//! gRPC over a real loopback socket: the same operations and status codes as REST,
+//! watches driven by the database, reflection and health.
+
+use std::time::Duration;
+
+use serde_json::json;
+use streamspace_core::queue::Completion;
+use streamspace_proto::api::v1 as pb;
+use tonic::{Code, Request};
+
+use crate::helpers::TestGateway;
+
+type Sessions = pb::session_service_client::SessionServiceClient<tonic::transport::Channel>;
+type Admin = pb::agent_admin_service_client::AgentAdminServiceClient<tonic::transport::Channel>;
+
+fn authed<T>(msg: T, token: &str) -> Request<T> {
+    let mut req = Request::new(msg);
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    req
+}
+
+fn keyed<T>(msg: T, token: &str, key: &str) -> Request<T> {
+    let mut req = authed(msg, token);
+    req.metadata_mut()
+        .insert("idempotency-key", key.parse().unwrap());
+    req
+}
+
+fn create_req(template: &str) -> pb::CreateSessionRequest {
+    pb::CreateSessionRequest {
+        template: template.into(),
+        ..Default::default()
+    }
+}
+
+/// Waits for the next stream item, failing the test if none arrives.
+async fn next<T>(stream: &mut tonic::Streaming<T>) -> T {
+    tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .expect("an event within the deadline")
+        .expect("no stream error")
+        .expect("the stream is still open")
+}
+
+#[tokio::test]
+async fn session_operations_and_status_codes_mirror_rest() {
+    let gw = TestGateway::start().await;
+    let mut client = Sessions::new(gw.channel().await);
+    let alice = gw.token("alice");
+
+    let no_token = client
+        .list_sessions(pb::ListSessionsRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(no_token.code(), Code::Unauthenticated);
+    let bad = client
+        .list_sessions(authed(pb::ListSessionsRequest::default(), "x.y.z"))
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Code::Unauthenticated);
+
+    let none = client
+        .create_session(authed(create_req("firefox-browser"), &alice))
+        .await
+        .unwrap_err();
+    assert_eq!(none.code(), Code::Unavailable, "{none:?}");
+    assert_eq!(none.metadata().get("retry-after").unwrap(), "5");
+
+    gw.online_agent("a-1", "default").await;
+    let created = client
+        .create_session(authed(create_req("firefox-browser"), &alice))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(created.state, "pending");
+    assert_eq!(created.agent_id, "a-1");
+    let invalid = client
+        .create_session(authed(create_req("Not A Template"), &alice))
+        .await
+        .unwrap_err();
+    assert_eq!(invalid.code(), Code::InvalidArgument);
+
+    let got = client
+        .get_session(authed(
+            pb::GetSessionRequest {
+                id: created.id.clone(),
+            },
+            &alice,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.user_id, "alice");
+    assert_eq!(got.state, "pending");
+    let list = client
+        .list_sessions(authed(pb::ListSessionsRequest::default(), &alice))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(list.sessions.len(), 1);
+    let bob = gw.token("bob");
+    let hidden = client
+        .get_session(authed(
+            pb::GetSessionRequest {
+                id: created.id.clone(),
+            },
+            &bob,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(hidden.code(), Code::NotFound);
+    let conflict = client
+        .hibernate_session(authed(
+            pb::HibernateSessionRequest {
+                id: created.id.clone(),
+            },
+            &alice,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(conflict.code(), Code::FailedPrecondition);
+    assert!(conflict.message().contains("pending"), "{conflict:?}");
+
+    let cmd = client
+        .get_command(authed(
+            pb::GetCommandRequest {
+                command_id: created.command_id.clone(),
+            },
+            &alice,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(cmd.action, "start_session");
+    assert_eq!(cmd.status, "pending");
+    assert_eq!(cmd.error_message, "");
+
+    // Delete twice with one key: one answer, one change.
+    let del = || {
+        keyed(
+            pb::DeleteSessionRequest {
+                id: created.id.clone(),
+            },
+            &alice,
+            "del-1",
+        )
+    };
+    let first = client.delete_session(del()).await.unwrap().into_inner();
+    let second = client.delete_session(del()).await.unwrap().into_inner();
+    assert_eq!(first, second);
+    assert_eq!(first.state, "terminated", "the start was never sent");
+    assert_eq!(first.cancelled_command_id, created.command_id);
+    let again = client
+        .delete_session(authed(
+            pb::DeleteSessionRequest {
+                id: created.id.clone(),
+            },
+            &alice,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(again.code(), Code::FailedPrecondition);
+    let history = client
+        .list_session_commands(authed(
+            pb::ListSessionCommandsRequest {
+                session_id: created.id.clone(),
+            },
+            &alice,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(history.commands.len(), 1);
+    assert_eq!(history.commands[0].status, "cancelled");
+}
+
+#[tokio::test]
+async fn watch_command_sees_pending_sent_ack_completed_in_order() {
+    let gw = TestGateway::start().await;
+    gw.online_agent("a-1", "default").await;
+    let alice = gw.token("alice");
+    let (id, command_id) = gw.create_ok(&alice).await;
+    let mut client = Sessions::new(gw.channel().await);
+    let mut commands = client
+        .watch_command(authed(
+            pb::WatchCommandRequest {
+                command_id: command_id.clone(),
+            },
+            &alice,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut sessions = client
+        .watch_session(authed(pb::WatchSessionRequest { id: id.clone() }, &alice))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(next(&mut commands).await.status, "pending");
+    assert_eq!(next(&mut sessions).await.state, "pending");
+
+    // The dispatcher's path through the real queue: claim, ack, complete.
+    let lease = gw.claim("a-1").await;
+    assert_eq!(next(&mut commands).await.status, "sent");
+    gw.queue.command_ack_one(lease.clone()).await.unwrap();
+    assert_eq!(next(&mut commands).await.status, "ack");
+    assert_eq!(next(&mut sessions).await.state, "starting");
+    gw.queue
+        .command_complete_one(Completion {
+            lease,
+            result: Some(json!({"session": {"url": "http://alice.example"}})),
+        })
+        .await
+        .unwrap();
+    let done = next(&mut commands).await;
+    assert_eq!(done.status, "completed");
+    assert_eq!(done.command.unwrap().status, "completed");
+    assert!(
+        commands.message().await.unwrap().is_none(),
+        "a command watch ends at a terminal status"
+    );
+    let running = next(&mut sessions).await;
+    assert_eq!(running.state, "running");
+    assert_eq!(running.session.unwrap().url, "http://alice.example");
+
+    // Stop: terminating, then terminated ends the watch.
+    let stop = client
+        .delete_session(authed(pb::DeleteSessionRequest { id: id.clone() }, &alice))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(next(&mut sessions).await.state, "terminating");
+    assert_eq!(gw.deliver("a-1", None).await, stop.command_id);
+    assert_eq!(next(&mut sessions).await.state, "terminated");
+    assert!(sessions.message().await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn a_watch_of_a_finished_command_sends_its_state_and_ends() {
+    let gw = TestGateway::start().await;
+    gw.online_agent("a-1", "default").await;
+    let alice = gw.token("alice");
+    let (_, command_id) = gw.create_ok(&alice).await;
+    gw.deliver("a-1", None).await;
+    let mut client = Sessions::new(gw.channel().await);
+    let mut stream = client
+        .watch_command(authed(
+            pb::WatchCommandRequest {
+                command_id: command_id.clone(),
+            },
+            &alice,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(next(&mut stream).await.status, "completed");
+    assert!(stream.message().await.unwrap().is_none());
+    let bob = gw.token("bob");
+    let hidden = client
+        .watch_command(authed(pb::WatchCommandRequest { command_id }, &bob))
+        .await
+        .unwrap_err();
+    assert_eq!(hidden.code(), Code::NotFound);
+}
+
+#[tokio::test]
+async fn agent_admin_over_grpc_needs_the_admin_role() {
+    let gw = TestGateway::start().await;
+    let mut admin = Admin::new(gw.channel().await);
+    let ops = gw.admin_token("ops");
+    let user = gw.token("alice");
+    let register = |token: &str| {
+        authed(
+            pb::RegisterAgentRequest {
+                agent_id: "g-1".into(),
+                cluster: "eu".into(),
+                ..Default::default()
+            },
+            token,
+        )
+    };
+    let denied = admin.register_agent(register(&user)).await.unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied);
+    let agent = admin
+        .register_agent(register(&ops))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(agent.cluster, "eu");
+    assert!(!agent.online);
+    let dup = admin.register_agent(register(&ops)).await.unwrap_err();
+    assert_eq!(dup.code(), Code::AlreadyExists);
+    let issued = admin
+        .issue_credential(authed(
+            pb::IssueCredentialRequest {
+                agent_id: "g-1".into(),
+            },
+            &ops,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(issued.token.starts_with("ssa_"));
+    let list = admin
+        .list_agents(authed(pb::ListAgentsRequest {}, &ops))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(list.agents.len(), 1);
+    admin
+        .revoke_credential(authed(
+            pb::RevokeCredentialRequest {
+                agent_id: "g-1".into(),
+                credential_id: issued.credential_id,
+            },
+            &ops,
+        ))
+        .await
+        .unwrap();
+    let missing = admin
+        .get_agent(authed(
+            pb::GetAgentRequest {
+                agent_id: "nope".into(),
+            },
+            &ops,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound);
+}
+
+#[tokio::test]
+async fn reflection_lists_the_services_and_health_reports_serving() {
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    let gw = TestGateway::start().await;
+    let channel = gw.channel().await;
+    let mut reflection = ServerReflectionClient::new(channel.clone());
+    let request = tonic_reflection::pb::v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut answers = reflection
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(MessageResponse::ListServicesResponse(list)) =
+        answers.message().await.unwrap().unwrap().message_response
+    else {
+        panic!("expected a service list");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for expected in [
+        "streamspace.api.v1.SessionService",
+        "streamspace.api.v1.AgentAdminService",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(
+            names.iter().any(|n| n == expected),
+            "{expected} not in {names:?}"
+        );
+    }
+    let mut health = HealthClient::new(channel);
+    let status = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "streamspace.api.v1.SessionService".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        status.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+}

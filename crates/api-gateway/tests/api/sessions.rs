@@ -1,0 +1,376 @@
+//! Sessions over REST: creation and placement, ownership, stop/hibernate/wake and their
+//! conflicts, input limits.
+
+use axum::http::{Method, StatusCode};
+use serde_json::json;
+
+use crate::helpers::TestGateway;
+
+#[tokio::test]
+async fn create_answers_202_with_location_and_commits_session_and_start_together() {
+    let gw = TestGateway::start().await;
+    gw.online_agent("a-1", "default").await;
+    let alice = gw.token("alice");
+    let a = gw
+        .create(
+            &alice,
+            json!({"template": "firefox-browser", "resources": {"memory": "512Mi", "cpu": "250m"}}),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::ACCEPTED, "{:?}", a.body);
+    let id = a.str("id");
+    assert_eq!(a.headers["location"], format!("/api/v1/sessions/{id}"));
+    assert_eq!(a.str("state"), "pending");
+    assert_eq!(a.str("agent_id"), "a-1");
+    let (head, hex) = id.rsplit_once('-').unwrap();
+    assert_eq!(head, "alice-firefox-browser");
+    assert_eq!(hex.len(), 8);
+
+    assert_eq!(gw.session_state(&id).await, "pending");
+    let (action, status, payload): (String, String, serde_json::Value) = sqlx::query_as(
+        "SELECT action, status, payload FROM agent_commands WHERE command_id = $1 AND session_id = $2",
+    )
+    .bind(a.str("command_id"))
+    .bind(&id)
+    .fetch_one(&gw.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        (action.as_str(), status.as_str()),
+        ("start_session", "pending")
+    );
+    assert_eq!(payload["template"], "firefox-browser");
+    assert_eq!(payload["user_id"], "alice");
+    assert_eq!(payload["resources"]["memory"], "512Mi");
+
+    let got = gw.get(&format!("/api/v1/sessions/{id}"), &alice).await;
+    assert_eq!(got.status, StatusCode::OK);
+    assert_eq!(got.str("user_id"), "alice");
+    assert_eq!(got.body["resources"]["cpu"], "250m");
+    let list = gw.get("/api/v1/sessions", &alice).await;
+    assert_eq!(list.body["sessions"].as_array().unwrap().len(), 1);
+    let cmds = gw
+        .get(&format!("/api/v1/sessions/{id}/commands"), &alice)
+        .await;
+    assert_eq!(cmds.body["commands"][0]["action"], "start_session");
+    let cmd = gw
+        .get(&format!("/api/v1/commands/{}", a.str("command_id")), &alice)
+        .await;
+    assert_eq!(cmd.str("status"), "pending");
+    assert!(cmd.body["error_message"].is_null());
+}
+
+#[tokio::test]
+async fn another_users_session_is_404_everywhere_and_nothing_changes() {
+    let gw = TestGateway::start().await;
+    gw.online_agent("a-1", "default").await;
+    let alice = gw.token("alice");
+    let bob = gw.token("bob");
+    let (id, command_id) = gw.create_ok(&alice).await;
+    let attempts = [
+        (Method::GET, format!("/api/v1/sessions/{id}")),
+        (Method::DELETE, format!("/api/v1/sessions/{id}")),
+        (Method::PUT, format!("/api/v1/sessions/{id}/hibernate")),
+        (Method::PUT, format!("/api/v1/sessions/{id}/wake")),
+        (Method::GET, format!("/api/v1/sessions/{id}/commands")),
+        (Method::GET, format!("/api/v1/commands/{command_id}")),
+    ];
+    for (method, path) in attempts {
+        let a = gw.call(method.clone(), &path, Some(&bob), None, &[]).await;
+        a.problem(StatusCode::NOT_FOUND);
+    }
+    let list = gw.get("/api/v1/sessions", &bob).await;
+    assert_eq!(list.body["sessions"], json!([]));
+    assert_eq!(gw.session_state(&id).await, "pending");
+    assert_eq!(gw.commands_of(&id).await.len(), 1, "no command was added");
+}
+
+#[tokio::test]
+async fn fields_a_client_must_not_set_are_refused() {
+    let gw = TestGateway::start().await;
+    gw.online_agent("a-1", "default").await;
+    let alice = gw.token("alice");
+    for field in ["owner", "user_id", "agent_id", "state", "id"] {
+        let a = gw
+            .create(&alice, json!({"template": "firefox-browser", field: "x"}))
+            .await;
+        let detail = a.problem(StatusCode::BAD_REQUEST);
+        assert!(detail.contains(field), "{field}: {detail}");
+    }
+    assert_eq!(gw.count("sessions").await, 0);
+}
+
+#[tokio::test]
+async fn limits_are_enforced_with_400_413_and_415() {
+    let gw = TestGateway::start().await;
+    gw.online_agent("a-1", "default").await;
+    let alice = gw.token("alice");
+    let long = "x".repeat(40);
+    for body in [
+        json!({}),
+        json!({"template": ""}),
+        json!({"template": long}),
+        json!({"template": "Firefox"}),
+        json!({"template": "firefox", "resources": {"memory": "lots"}}),
+        json!({"template": "firefox", "resources": {"cpu": "1".repeat(17)}}),
+        json!({"template": "firefox", "cluster": "no spaces"}),
+        json!({"template": "firefox", "region": "r".repeat(64)}),
+    ] {
+        let a = gw.create(&alice, body.clone()).await;
+        a.problem(StatusCode::BAD_REQUEST);
+    }
+    let huge = json!({"template": "firefox", "cluster": "c".repeat(64 * 1024)});
+    gw.create(&alice, huge)
+        .await
+        .problem(StatusCode::PAYLOAD_TOO_LARGE);
+    let no_json = gw
+        .call(Method::POST, "/api/v1/sessions", Some(&alice), None, &[])
+        .await;
+    no_json.problem(StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    let long_id = "s".repeat(200);
+    gw.get(&format!("/api/v1/sessions/{long_id}"), &alice)
+        .await
+        .problem(StatusCode::BAD_REQUEST);
+    gw.get("/api/v1/sessions?limit=0", &alice)
+        .await
+        .problem(StatusCode::BAD_REQUEST);
+    gw.get("/api/v1/sessions?owner=bob", &alice)
+        .await
+        .problem(StatusCode::BAD_REQUEST);
+    assert_eq!(gw.count("sessions").await, 0);
+}
+
+#[tokio::test]
+async fn no_eligible_agent_is_503_with_retry_after() {
+    let gw = TestGateway::start().await;
+    let alice = gw.token("alice");
+    let a = gw
+        .create(&alice, json!({"template": "firefox-browser"}))
+        .await;
+    a.problem(StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(a.headers["retry-after"], "5");
+
+    // An offline agent is not chosen unless its cluster is named.
+    gw.agent("a-off", "eu").await;
+    let a = gw
+        .create(&alice, json!({"template": "firefox-browser"}))
+        .await;
+    let detail = a.problem(StatusCode::SERVICE_UNAVAILABLE);
+    assert!(detail.contains("name a cluster"), "{detail}");
+    let a = gw
+        .create(
+            &alice,
+            json!({"template": "firefox-browser", "cluster": "eu"}),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::ACCEPTED, "{:?}", a.body);
+    assert_eq!(a.str("agent_id"), "a-off");
+    let a = gw
+        .create(
+            &alice,
+            json!({"template": "firefox-browser", "cluster": "us"}),
+        )
+        .await;
+    a.problem(StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(gw.count("sessions").await, 1);
+}
+
+#[tokio::test]
+async fn placement_picks_the_least_loaded_online_agent_in_the_requested_place() {
+    let gw = TestGateway::start().await;
+    gw.online_agent("a-1", "default").await;
+    gw.online_agent("a-2", "default").await;
+    gw.online_agent("b-1", "other").await;
+    gw.agent("a-off", "default").await;
+    let alice = gw.token("alice");
+    let mut per_agent = std::collections::BTreeMap::new();
+    for _ in 0..6 {
+        let a = gw
+            .create(&alice, json!({"template": "xterm", "cluster": "default"}))
+            .await;
+        *per_agent.entry(a.str("agent_id")).or_insert(0) += 1;
+    }
+    assert_eq!(
+        per_agent,
+        [("a-1".to_owned(), 3), ("a-2".to_owned(), 3)]
+            .into_iter()
+            .collect()
+    );
+    let a = gw
+        .create(&alice, json!({"template": "xterm", "cluster": "other"}))
+        .await;
+    assert_eq!(a.str("agent_id"), "b-1");
+}
+
+#[tokio::test]
+async fn delete_while_the_agent_is_down_queues_a_pending_stop_with_null_error() {
+    let gw = TestGateway::start().await;
+    gw.online_agent("a-1", "default").await;
+    let alice = gw.token("alice");
+    let (id, _) = gw.create_ok(&alice).await;
+    gw.deliver("a-1", Some(json!({"session": {"url": "http://s"}})))
+        .await;
+    assert_eq!(gw.session_state(&id).await, "running");
+    // The agent goes away: its connection is gone.
+    sqlx::query("UPDATE agents SET connected_owner = NULL WHERE agent_id = 'a-1'")
+        .execute(&gw.pool)
+        .await
+        .unwrap();
+
+    let a = gw
+        .call(
+            Method::DELETE,
+            &format!("/api/v1/sessions/{id}"),
+            Some(&alice),
+            None,
+            &[],
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::ACCEPTED, "{:?}", a.body);
+    assert_eq!(a.str("state"), "terminating");
+    // The seed report's query.
+    let row: (String, Option<String>, String, String, Option<String>) = sqlx::query_as(
+        "SELECT command_id, session_id, action, status, error_message FROM agent_commands
+         WHERE session_id = $1 ORDER BY created_at DESC, seq DESC LIMIT 1",
+    )
+    .bind(&id)
+    .fetch_one(&gw.pool)
+    .await
+    .unwrap();
+    assert_eq!(row.0, a.str("command_id"));
+    assert_eq!(
+        (row.2.as_str(), row.3.as_str()),
+        ("stop_session", "pending")
+    );
+    assert_eq!(row.4, None);
+    assert_eq!(gw.session_state(&id).await, "terminating");
+
+    // Deleting again is a conflict, not a second stop.
+    gw.call(
+        Method::DELETE,
+        &format!("/api/v1/sessions/{id}"),
+        Some(&alice),
+        None,
+        &[],
+    )
+    .await
+    .problem(StatusCode::CONFLICT);
+    // The agent returns and completes the stop: the session is terminated.
+    gw.deliver("a-1", None).await;
+    assert_eq!(gw.session_state(&id).await, "terminated");
+    let detail = gw
+        .call(
+            Method::DELETE,
+            &format!("/api/v1/sessions/{id}"),
+            Some(&alice),
+            None,
+            &[],
+        )
+        .await
+        .problem(StatusCode::CONFLICT);
+    assert!(detail.contains("terminated"), "{detail}");
+}
+
+#[tokio::test]
+async fn stop_before_the_start_was_sent_cancels_it_without_a_stop_command() {
+    let gw = TestGateway::start().await;
+    gw.agent("a-off", "eu").await;
+    let alice = gw.token("alice");
+    let a = gw
+        .create(
+            &alice,
+            json!({"template": "firefox-browser", "cluster": "eu"}),
+        )
+        .await;
+    let id = a.str("id");
+    let start = a.str("command_id");
+    let d = gw
+        .call(
+            Method::DELETE,
+            &format!("/api/v1/sessions/{id}"),
+            Some(&alice),
+            None,
+            &[],
+        )
+        .await;
+    assert_eq!(d.status, StatusCode::ACCEPTED, "{:?}", d.body);
+    assert_eq!(d.str("state"), "terminated");
+    assert!(d.body["command_id"].is_null());
+    assert_eq!(d.str("cancelled_command_id"), start);
+    assert_eq!(gw.session_state(&id).await, "terminated");
+    let cmds = gw.commands_of(&id).await;
+    assert_eq!(cmds.len(), 1, "no stop command: {cmds:?}");
+    assert_eq!(
+        (cmds[0].0.as_str(), cmds[0].1.as_str()),
+        ("start_session", "cancelled")
+    );
+}
+
+#[tokio::test]
+async fn stop_after_the_start_was_sent_queues_a_stop_behind_it() {
+    let gw = TestGateway::start().await;
+    gw.online_agent("a-1", "default").await;
+    let alice = gw.token("alice");
+    let (id, _) = gw.create_ok(&alice).await;
+    let _lease = gw.claim("a-1").await;
+    let d = gw
+        .call(
+            Method::DELETE,
+            &format!("/api/v1/sessions/{id}"),
+            Some(&alice),
+            None,
+            &[],
+        )
+        .await;
+    assert_eq!(d.str("state"), "terminating");
+    let cmds = gw.commands_of(&id).await;
+    let shape: Vec<(&str, &str)> = cmds.iter().map(|c| (c.0.as_str(), c.1.as_str())).collect();
+    assert_eq!(
+        shape,
+        [("start_session", "sent"), ("stop_session", "pending")]
+    );
+}
+
+#[tokio::test]
+async fn hibernate_and_wake_follow_the_state_machine_with_409_otherwise() {
+    let gw = TestGateway::start().await;
+    gw.online_agent("a-1", "default").await;
+    let alice = gw.token("alice");
+    let (id, _) = gw.create_ok(&alice).await;
+    let put = |what: &'static str| {
+        let path = format!("/api/v1/sessions/{id}/{what}");
+        let gw = &gw;
+        let alice = alice.clone();
+        async move { gw.call(Method::PUT, &path, Some(&alice), None, &[]).await }
+    };
+    let detail = put("hibernate").await.problem(StatusCode::CONFLICT);
+    assert!(detail.contains("pending"), "{detail}");
+    put("wake").await.problem(StatusCode::CONFLICT);
+
+    gw.deliver("a-1", None).await;
+    assert_eq!(gw.session_state(&id).await, "running");
+    let h = put("hibernate").await;
+    assert_eq!(h.status, StatusCode::ACCEPTED, "{:?}", h.body);
+    assert_eq!(h.str("state"), "hibernating");
+    put("hibernate").await.problem(StatusCode::CONFLICT);
+    assert_eq!(gw.deliver("a-1", None).await, h.str("command_id"));
+    assert_eq!(gw.session_state(&id).await, "hibernated");
+
+    let w = put("wake").await;
+    assert_eq!(w.status, StatusCode::ACCEPTED, "{:?}", w.body);
+    assert_eq!(w.str("state"), "waking");
+    gw.deliver("a-1", None).await;
+    assert_eq!(gw.session_state(&id).await, "running");
+}
+
+#[tokio::test]
+async fn unknown_routes_and_methods_answer_problem_json() {
+    let gw = TestGateway::start().await;
+    let alice = gw.token("alice");
+    gw.get("/api/v2/nothing", &alice)
+        .await
+        .problem(StatusCode::NOT_FOUND);
+    gw.call(Method::PATCH, "/api/v1/sessions", Some(&alice), None, &[])
+        .await
+        .problem(StatusCode::METHOD_NOT_ALLOWED);
+}
