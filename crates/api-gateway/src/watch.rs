@@ -110,11 +110,7 @@ impl ChangeHub {
     }
 }
 
-fn send(
-    subs: &Subscribers,
-    key: &Key,
-    note: ChangeNote,
-) {
+fn send(subs: &Subscribers, key: &Key, note: ChangeNote) {
     if let Some(list) = subs.get(key) {
         for (_, tx) in list {
             let _ = tx.send(Signal::Note(note.clone()));
