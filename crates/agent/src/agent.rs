@@ -29,7 +29,7 @@ use crate::backoff::Backoff;
 use crate::config::{AgentConfig, RuntimeKind};
 use crate::error::{Error, Result};
 use crate::executor::Executor;
-use crate::runtime::{Observation, ProcessRuntime, SessionRuntime};
+use crate::runtime::{KubernetesRuntime, Observation, ProcessRuntime, SessionRuntime};
 
 /// Messages queued for the writer before `send` waits. Small: beyond it, HTTP/2 flow
 /// control should slow the producers down rather than memory absorbing a stalled peer.
@@ -118,6 +118,9 @@ impl Agent {
         let runtime: Arc<dyn SessionRuntime> = match config.runtime {
             RuntimeKind::Process => {
                 Arc::new(ProcessRuntime::open(config.process_runtime_config()).await?)
+            }
+            RuntimeKind::Kubernetes => {
+                Arc::new(KubernetesRuntime::connect(&config.kubernetes).await?)
             }
         };
         Self::new(config, runtime)

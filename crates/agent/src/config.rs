@@ -9,6 +9,7 @@ use serde::Deserialize;
 use streamspace_core::config::Secret;
 
 use crate::error::{Error, Result};
+use crate::runtime::kubernetes::KubernetesConfig;
 use crate::runtime::process::{
     Catalog, DEFAULT_MONITOR_INTERVAL, ProcessRuntimeConfig, Template, default_agent_exe,
 };
@@ -31,12 +32,17 @@ pub enum RuntimeKind {
     /// Local child processes ([`ProcessRuntime`](crate::runtime::ProcessRuntime)).
     #[default]
     Process,
+    /// Deployments, Services and PVCs through the Kubernetes API
+    /// ([`KubernetesRuntime`](crate::runtime::KubernetesRuntime)), configured by the
+    /// `[kubernetes]` section.
+    Kubernetes,
 }
 
 impl RuntimeKind {
     pub fn as_str(self) -> &'static str {
         match self {
             RuntimeKind::Process => "process",
+            RuntimeKind::Kubernetes => "kubernetes",
         }
     }
 }
@@ -86,6 +92,8 @@ pub struct AgentConfig {
     /// Process runtime: templates added to (or replacing entries of) the default catalog
     /// (`firefox-browser`, `chrome-browser`, `desktop-xfce`).
     pub templates: BTreeMap<String, Template>,
+    /// Kubernetes runtime: cluster access, namespace and its template catalog.
+    pub kubernetes: KubernetesConfig,
 }
 
 impl Default for AgentConfig {
@@ -110,6 +118,7 @@ impl Default for AgentConfig {
             advertise_host: "127.0.0.1".to_owned(),
             session_server: None,
             templates: BTreeMap::new(),
+            kubernetes: KubernetesConfig::default(),
         }
     }
 }
@@ -172,6 +181,9 @@ impl AgentConfig {
         }
         if self.remembered_commands == 0 {
             return bad("remembered_commands must be positive".into());
+        }
+        if self.runtime == RuntimeKind::Kubernetes {
+            self.kubernetes.validate()?;
         }
         Ok(())
     }

@@ -8,6 +8,7 @@
 //! a runtime is the last line of defence against doubled effects.
 
 pub mod journal;
+pub mod kubernetes;
 pub mod process;
 mod procfs;
 
@@ -22,6 +23,7 @@ use tokio::sync::broadcast;
 /// tonic; re-exporting it here spares implementors (and the workspace) another dependency.
 pub use tonic::async_trait;
 
+pub use kubernetes::{KubeTemplate, KubernetesConfig, KubernetesRuntime};
 pub use process::{Catalog, Effects, ProcessRuntime, ProcessRuntimeConfig, Template};
 
 /// Where a session stands, as its runtime sees it.
