@@ -524,11 +524,17 @@ async fn agent_configuration_selects_the_kubernetes_runtime() {
     let dir = tempfile::tempdir().unwrap();
     // Exactly the keys an operator (or an end-to-end scenario) sets.
     let vars = [
-        ("STREAMSPACE_DISPATCHER_URL", "http://127.0.0.1:7001".to_owned()),
+        (
+            "STREAMSPACE_DISPATCHER_URL",
+            "http://127.0.0.1:7001".to_owned(),
+        ),
         ("STREAMSPACE_CREDENTIAL", "agent-token".to_owned()),
         ("STREAMSPACE_STATE_DIR", dir.path().display().to_string()),
         ("STREAMSPACE_RUNTIME", "kubernetes".to_owned()),
-        ("STREAMSPACE_KUBERNETES__KUBECONFIG", kubeconfig.display().to_string()),
+        (
+            "STREAMSPACE_KUBERNETES__KUBECONFIG",
+            kubeconfig.display().to_string(),
+        ),
         ("STREAMSPACE_KUBERNETES__NAMESPACE", env.namespace.clone()),
     ]
     .map(|(k, v)| (k.to_owned(), v));
@@ -537,7 +543,11 @@ async fn agent_configuration_selects_the_kubernetes_runtime() {
     let agent = Agent::build(config).await.unwrap();
     let runtime = agent.runtime();
     assert_eq!(runtime.name(), "kubernetes");
-    assert!(runtime.capabilities().contains(&"template:firefox-browser".to_owned()));
+    assert!(
+        runtime
+            .capabilities()
+            .contains(&"template:firefox-browser".to_owned())
+    );
     // The runtime it built talks to the same cluster.
     env.runtime.start("s-cfg", &start("web")).await.unwrap();
     let listed = runtime.list().await.unwrap();
@@ -549,14 +559,21 @@ async fn agent_configuration_selects_the_kubernetes_runtime() {
 fn the_shipped_agent_configurations_load_and_validate() {
     use streamspace_agent::{AgentConfig, RuntimeKind};
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    for file in ["deploy/base/config/agent.toml", "deploy/overlays/dev/agent.toml"] {
+    for file in [
+        "deploy/base/config/agent.toml",
+        "deploy/overlays/dev/agent.toml",
+    ] {
         let path = root.join(file);
         let credential = [("STREAMSPACE_CREDENTIAL".to_owned(), "t".to_owned())];
         let config: AgentConfig = streamspace_core::config::load_from(Some(&path), credential)
             .unwrap_or_else(|e| panic!("{file}: {e}"));
         config.validate().unwrap_or_else(|e| panic!("{file}: {e}"));
         assert_eq!(config.runtime, RuntimeKind::Kubernetes, "{file}");
-        assert_eq!(config.kubernetes.namespace.as_deref(), Some("streamspace-sessions"), "{file}");
+        assert_eq!(
+            config.kubernetes.namespace.as_deref(),
+            Some("streamspace-sessions"),
+            "{file}"
+        );
         let catalog = config.kubernetes.catalog();
         assert_eq!(catalog["firefox-browser"].memory, "512Mi", "{file}");
     }
