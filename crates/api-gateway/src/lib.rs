@@ -138,13 +138,16 @@ impl App {
         health_reporter
             .set_serving::<AgentAdminServiceServer<grpc::AgentAdminServiceImpl>>()
             .await;
+        // Reflection describes what this server serves: the public API, not the agent
+        // protocol that shares the generated-code crate.
+        let descriptors = api_descriptors()?;
         let reflection = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(streamspace_proto::FILE_DESCRIPTOR_SET)
+            .register_file_descriptor_set(descriptors.clone())
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1()
             .context("building gRPC reflection")?;
         let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(streamspace_proto::FILE_DESCRIPTOR_SET)
+            .register_file_descriptor_set(descriptors)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1alpha()
             .context("building gRPC reflection")?;
@@ -210,6 +213,15 @@ impl App {
         tracing::info!("api-gateway stopped");
         Ok(())
     }
+}
+
+/// The descriptors of the public API only (the shared set also holds the agent protocol).
+fn api_descriptors() -> anyhow::Result<prost_types::FileDescriptorSet> {
+    let mut set: prost_types::FileDescriptorSet =
+        prost::Message::decode(streamspace_proto::FILE_DESCRIPTOR_SET)
+            .context("decoding the API descriptors")?;
+    set.file.retain(|f| f.package() != "streamspace.agent.v1");
+    Ok(set)
 }
 
 /// Forgets stored idempotent answers past retention, until shutdown.

@@ -171,7 +171,21 @@ async fn no_eligible_agent_is_503_with_retry_after() {
             json!({"template": "firefox-browser", "cluster": "us"}),
         )
         .await;
-    a.problem(StatusCode::SERVICE_UNAVAILABLE);
+    let detail = a.problem(StatusCode::BAD_REQUEST);
+    assert!(detail.contains("no agent is registered"), "{detail}");
+    // A known cluster whose agents are all full is a shortage: 503.
+    sqlx::query("UPDATE agents SET max_sessions = 1 WHERE agent_id = 'a-off'")
+        .execute(&gw.pool)
+        .await
+        .unwrap();
+    let a = gw
+        .create(
+            &alice,
+            json!({"template": "firefox-browser", "cluster": "eu"}),
+        )
+        .await;
+    let detail = a.problem(StatusCode::SERVICE_UNAVAILABLE);
+    assert!(detail.contains("max_sessions"), "{detail}");
     assert_eq!(gw.count("sessions").await, 1);
 }
 

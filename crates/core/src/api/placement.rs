@@ -70,17 +70,37 @@ pub async fn agent_choose(
     )
     .fetch_optional(&mut *conn)
     .await?;
-    chosen.ok_or_else(|| {
-        Error::NoEligibleAgent(if placement.cluster.is_some() {
-            format!(
-                "no agent with room is registered for {}",
+    if let Some(agent_id) = chosen {
+        return Ok(agent_id);
+    }
+    if placement.cluster.is_some() {
+        // A named place where no agent exists at all is the caller's mistake, not a
+        // transient shortage: waiting will not help.
+        let known = sqlx::query_scalar!(
+            r#"
+            SELECT EXISTS (
+                SELECT 1 FROM agents
+                WHERE cluster = $1 AND ($2::text IS NULL OR region = $2)
+            ) AS "known!"
+            "#,
+            placement.cluster,
+            placement.region,
+        )
+        .fetch_one(&mut *conn)
+        .await?;
+        if !known {
+            return Err(Error::InvalidInput(format!(
+                "no agent is registered for {}; check the names (an operator lists agents at /api/v1/admin/agents)",
                 placement.describe()
-            )
-        } else {
-            format!(
-                "no online agent with room matches {}; retry later, or name a cluster to queue the session for its agent while it is offline",
-                placement.describe()
-            )
-        })
-    })
+            )));
+        }
+        return Err(Error::NoEligibleAgent(format!(
+            "every agent registered for {} is at its max_sessions; retry later",
+            placement.describe()
+        )));
+    }
+    Err(Error::NoEligibleAgent(format!(
+        "no online agent with room matches {}; retry later, or name a cluster to queue the session for its agent while it is offline",
+        placement.describe()
+    )))
 }
