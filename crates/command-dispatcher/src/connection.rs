@@ -185,6 +185,20 @@ impl Connection {
         delivery.abort();
         let _ = delivery.await;
         this.clean_up(&ended).await;
+        // Tell the agent why, so it can tell "go elsewhere" from "someone else is you".
+        let status = match &ended {
+            Ended::Superseded => Some(Status::aborted(
+                "superseded by a newer connection of this agent",
+            )),
+            Ended::Silent(d) => Some(Status::unavailable(format!(
+                "no message from the agent for {d:?}"
+            ))),
+            Ended::Shutdown => Some(Status::unavailable("dispatcher shutting down; reconnect")),
+            Ended::AgentClosed | Ended::StreamError(_) => None,
+        };
+        if let Some(status) = status {
+            let _ = tx.try_send(Err(status));
+        }
         // Dropping the last sender ends the response stream; the agent reconnects.
         drop(tx);
     }

@@ -21,6 +21,9 @@ struct Flags {
     /// Apply pending database migrations at start-up instead of refusing to start.
     #[arg(long)]
     migrate: bool,
+    /// With --migrate: exit once the schema is current (for a migration Job).
+    #[arg(long, requires = "migrate")]
+    exit_after_migrate: bool,
 }
 
 #[tokio::main]
@@ -29,6 +32,12 @@ async fn main() -> anyhow::Result<()> {
     let config: DispatcherConfig =
         streamspace_core::config::load(flags.config.as_deref()).context("loading configuration")?;
     streamspace_core::telemetry::init_tracing("info", config.log_json);
+    if flags.exit_after_migrate {
+        let pool = streamspace_core::db::connect(&config.database).await?;
+        streamspace_core::db::ensure_schema(&pool, SchemaPolicy::Migrate).await?;
+        tracing::info!("schema is current");
+        return Ok(());
+    }
     let policy = if flags.migrate {
         SchemaPolicy::Migrate
     } else {

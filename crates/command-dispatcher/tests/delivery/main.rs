@@ -2,5 +2,6 @@
 //! dispatcher runs in-process (one fresh database per test); agents are the real agent
 //! library or, for protocol edge cases, a raw client speaking the protocol.
 
+mod binary;
 mod helpers;
 mod protocol;

@@ -1,0 +1,55 @@
+//! The dispatcher binary's start-up contract, as a real process.
+
+use std::process::Command;
+
+fn dispatcher(url: &str, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_streamspace-command-dispatcher"))
+        .args(args)
+        .env("STREAMSPACE_DATABASE__URL", url)
+        .env("STREAMSPACE_LISTEN", "127.0.0.1:0")
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run the dispatcher binary")
+}
+
+#[tokio::test]
+async fn refuses_an_empty_database_without_migrate_and_names_the_migration() {
+    let url = streamspace_devpg::testdb::empty_database_url().await;
+    let out = dispatcher(&url, &[]);
+    assert!(!out.status.success(), "must not start");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let first = streamspace_core::db::MIGRATOR.iter().next().unwrap();
+    assert!(
+        stderr.contains(&first.version.to_string()),
+        "names the missing migration: {stderr}"
+    );
+    assert!(stderr.contains("--migrate"), "says how to fix it: {stderr}");
+
+    let out = dispatcher(&url, &["--migrate", "--exit-after-migrate"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    assert!(
+        streamspace_core::db::pending_migrations(&pool)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[tokio::test]
+async fn bad_configuration_is_named() {
+    let url = streamspace_devpg::testdb::empty_database_url().await;
+    let out = Command::new(env!("CARGO_BIN_EXE_streamspace-command-dispatcher"))
+        .env("STREAMSPACE_DATABASE__URL", &url)
+        .env("STREAMSPACE_HEARTBEAT_INTERVAL_MS", "5000")
+        .env("STREAMSPACE_OFFLINE_AFTER_MS", "6000")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("offline_after_ms"), "{stderr}");
+}
