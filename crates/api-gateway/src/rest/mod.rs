@@ -9,6 +9,7 @@ pub mod openapi;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::error_handling::HandleErrorLayer;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -17,7 +18,6 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use tower::ServiceBuilder;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
-use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 use utoipa::{IntoParams, OpenApi};
 
@@ -87,11 +87,17 @@ pub fn router(state: AppState) -> Router {
                 .layer(TraceLayer::new_for_http())
                 // … and that is echoed to the client for support requests.
                 .layer(PropagateRequestIdLayer::new(request_id))
-                // No request holds resources forever.
-                .layer(TimeoutLayer::with_status_code(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    Duration::from_millis(config.request_timeout_ms),
-                )),
+                // A request past the deadline is answered as problem+json …
+                .layer(HandleErrorLayer::new(|_: tower::BoxError| async {
+                    ApiError::Unavailable {
+                        message: "the request took longer than this server allows (http.request_timeout_ms); retry".into(),
+                        retry_after: Some(Duration::from_secs(1)),
+                    }
+                }))
+                // … so that no request holds a connection or a transaction forever.
+                .layer(tower::timeout::TimeoutLayer::new(Duration::from_millis(
+                    config.request_timeout_ms,
+                ))),
         )
 }
 

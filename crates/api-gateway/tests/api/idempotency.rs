@@ -144,3 +144,27 @@ async fn malformed_keys_are_400() {
     }
     assert_eq!(gw.count("sessions").await, 0);
 }
+
+#[tokio::test]
+async fn concurrent_retries_with_one_key_create_one_session() {
+    let gw = TestGateway::start().await;
+    gw.online_agent("a-1", "default").await;
+    let alice = gw.token("alice");
+    let body = json!({"template": "firefox-browser"});
+    let key = [("idempotency-key", "race-1")];
+    let call = || {
+        gw.call(
+            Method::POST,
+            "/api/v1/sessions",
+            Some(&alice),
+            Some(body.clone()),
+            &key,
+        )
+    };
+    let (a, b) = tokio::join!(call(), call());
+    assert_eq!(a.status, StatusCode::ACCEPTED, "{:?}", a.body);
+    assert_eq!(b.status, StatusCode::ACCEPTED, "{:?}", b.body);
+    assert_eq!(a.body, b.body);
+    assert_eq!(gw.count("sessions").await, 1);
+    assert_eq!(gw.count("agent_commands").await, 1);
+}
