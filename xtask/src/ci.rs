@@ -24,6 +24,12 @@ pub fn run(flags: CiFlags) -> anyhow::Result<()> {
     let mut test = cargo();
     test.args(["test", "--workspace"]);
     exec(test)?;
+    // The original test plan against real processes; the quick profile keeps CI short.
+    crate::up::e2e(crate::flags::E2eFlags {
+        scenario: None,
+        profile: "quick".into(),
+        verbose: false,
+    })?;
     eprintln!("xtask ci: all checks passed");
     Ok(())
 }

@@ -13,6 +13,8 @@ use tokio::net::{TcpListener, TcpStream};
 pub struct Proxy {
     pub port: u16,
     cut: Arc<AtomicBool>,
+    /// Bumped by `sever()`: connections opened before it are closed at once.
+    generation: tokio::sync::watch::Sender<u64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -22,18 +24,35 @@ impl Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let port = listener.local_addr()?.port();
         let cut = Arc::new(AtomicBool::new(false));
+        let (generation, gen_rx) = tokio::sync::watch::channel(0u64);
         let flag = cut.clone();
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let flag = flag.clone();
+                let mut severed = gen_rx.clone();
+                let born = *severed.borrow_and_update();
                 tokio::spawn(async move {
                     if let Ok(server) = TcpStream::connect(("127.0.0.1", target)).await {
-                        pipe(client, server, flag).await;
+                        tokio::select! {
+                            () = pipe(client, server, flag) => {}
+                            _ = severed.wait_for(|g| *g != born) => {} // both sockets dropped: reset
+                        }
                     }
                 });
             }
         });
-        Ok(Self { port, cut, task })
+        Ok(Self {
+            port,
+            cut,
+            generation,
+            task,
+        })
+    }
+
+    /// Closes every open connection at once (a cut stream, not a silent partition); new
+    /// connections pass.
+    pub fn sever(&self) {
+        self.generation.send_modify(|g| *g += 1);
     }
 
     pub fn cut(&self) {

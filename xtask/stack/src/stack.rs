@@ -41,6 +41,8 @@ pub struct StackOptions {
     pub echo: bool,
     /// Extra `STREAMSPACE_*` settings for every dispatcher.
     pub dispatcher_env: Vec<(String, String)>,
+    /// Extra `STREAMSPACE_*` settings for every agent (runtime selection, templates).
+    pub agent_env: Vec<(String, String)>,
 }
 
 /// One agent of the stack.
@@ -53,6 +55,8 @@ pub struct AgentProc {
     pub dispatcher: usize,
     /// Dial this URL instead (e.g. a proxy in front of the dispatcher).
     pub url_override: Option<String>,
+    /// The agent's connection epoch when its current process was spawned.
+    pub epoch_at_spawn: i64,
     pub proc: Option<Supervised>,
 }
 
@@ -127,6 +131,7 @@ impl Stack {
                 state_dir,
                 dispatcher,
                 url_override: None,
+                epoch_at_spawn: 0,
                 proc: None,
             });
             stack.start_agent(i).await?;
@@ -175,11 +180,12 @@ impl Stack {
     /// (Re)starts agent `i` and, when `wait_online`, waits until the database shows it
     /// online.
     pub async fn start_agent(&mut self, i: usize) -> anyhow::Result<()> {
-        self.spawn_agent(i)?;
+        self.spawn_agent(i).await?;
         self.wait_agent_online(i).await
     }
 
-    pub fn spawn_agent(&mut self, i: usize) -> anyhow::Result<()> {
+    pub async fn spawn_agent(&mut self, i: usize) -> anyhow::Result<()> {
+        self.note_epoch(i).await?;
         let colour = self.next_colour();
         let url = match &self.agents[i].url_override {
             Some(u) => u.clone(),
@@ -198,17 +204,32 @@ impl Stack {
                     "STREAMSPACE_STATE_DIR".into(),
                     a.state_dir.display().to_string(),
                 ),
-            ],
+            ]
+            .into_iter()
+            .chain(self.options.agent_env.iter().cloned())
+            .collect(),
             echo: self.options.echo,
         };
         self.agents[i].proc = Some(Supervised::start(spec, colour)?);
         Ok(())
     }
 
+    /// Records the agent's current epoch, so `wait_agent_online` can wait for a newer one.
+    async fn note_epoch(&mut self, i: usize) -> anyhow::Result<()> {
+        let a = agents::agent_get(&self.pool, &self.agents[i].agent_id, OFFLINE_AFTER).await?;
+        self.agents[i].epoch_at_spawn = a.map_or(0, |a| a.connection_epoch);
+        Ok(())
+    }
+
+    /// Waits until agent `i`'s process has a connection newer than any before it was
+    /// spawned, and the database shows it online. (Checking "online" alone could see the
+    /// previous, already dead connection before the dispatcher noticed its end.)
     pub async fn wait_agent_online(&mut self, i: usize) -> anyhow::Result<()> {
         let deadline = Instant::now() + START_TIMEOUT;
+        let before = self.agents[i].epoch_at_spawn;
         loop {
-            if self.agent_online(&self.agents[i].agent_id).await? {
+            let a = agents::agent_get(&self.pool, &self.agents[i].agent_id, OFFLINE_AFTER).await?;
+            if a.is_some_and(|a| a.online && a.connection_epoch > before) {
                 return Ok(());
             }
             if let Some(p) = self.agents[i].proc.as_mut()
@@ -216,8 +237,8 @@ impl Stack {
             {
                 bail!(
                     "{} exited with {status} during start-up:\n{}",
-                    p.spec.name,
-                    p.recent_output()
+                    p.spec.name.clone(),
+                    p.final_output().await
                 );
             }
             if Instant::now() > deadline {
@@ -338,6 +359,17 @@ impl Stack {
         }
     }
 
+    /// Pids of every process of the stack's services (not their sessions).
+    pub fn service_pids(&self) -> Vec<i32> {
+        self.dispatchers
+            .iter()
+            .filter_map(|d| d.proc.as_ref())
+            .chain(self.agents.iter().filter_map(|a| a.proc.as_ref()))
+            .chain(self.gateway.iter().filter_map(|g| g.proc.as_ref()))
+            .filter_map(|p| p.pid().map(|p| p.as_raw()))
+            .collect()
+    }
+
     pub async fn kill_dispatcher(&mut self, i: usize) {
         if let Some(mut p) = self.dispatchers[i].proc.take() {
             p.kill().await;
@@ -421,8 +453,8 @@ async fn wait_for_port(proc: &mut Supervised, port: u16) -> anyhow::Result<()> {
         if let Some(status) = proc.exited() {
             bail!(
                 "{} exited with {status} during start-up:\n{}",
-                proc.spec.name,
-                proc.recent_output()
+                proc.spec.name.clone(),
+                proc.final_output().await
             );
         }
         if Instant::now() > deadline {

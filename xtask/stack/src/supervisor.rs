@@ -43,6 +43,8 @@ pub struct Supervised {
     pub spec: Spec,
     child: Child,
     recent: Arc<Mutex<VecDeque<String>>>,
+    /// The log pumps; they end at EOF, after the child exits.
+    pumps: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Supervised {
@@ -51,6 +53,8 @@ impl Supervised {
         cmd.args(&spec.args)
             .envs(spec.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env("NO_COLOR", "1")
+            // Short errors: a crash report shows the error, not a backtrace.
+            .env("RUST_LIB_BACKTRACE", "0")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -64,16 +68,23 @@ impl Supervised {
         let recent = Arc::new(Mutex::new(VecDeque::with_capacity(RECENT_LINES)));
         let colour = COLOURS[colour_index % COLOURS.len()];
         let prefix = format!("\x1b[{colour}m{:>14} |\x1b[0m", spec.name);
+        let mut pumps = Vec::new();
         if let Some(out) = child.stdout.take() {
-            tokio::spawn(pump(out, prefix.clone(), spec.echo, recent.clone()));
+            pumps.push(tokio::spawn(pump(
+                out,
+                prefix.clone(),
+                spec.echo,
+                recent.clone(),
+            )));
         }
         if let Some(err) = child.stderr.take() {
-            tokio::spawn(pump(err, prefix, spec.echo, recent.clone()));
+            pumps.push(tokio::spawn(pump(err, prefix, spec.echo, recent.clone())));
         }
         Ok(Self {
             spec,
             child,
             recent,
+            pumps,
         })
     }
 
@@ -89,6 +100,14 @@ impl Supervised {
     /// `Some(status)` once the child has exited.
     pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
         self.child.try_wait().ok().flatten()
+    }
+
+    /// After the child exited: its last lines, once its output has been read to the end.
+    pub async fn final_output(&mut self) -> String {
+        for p in self.pumps.drain(..) {
+            let _ = tokio::time::timeout(Duration::from_secs(2), p).await;
+        }
+        self.recent_output()
     }
 
     /// The last lines the child printed.

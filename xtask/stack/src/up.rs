@@ -45,6 +45,7 @@ pub async fn run(opts: UpOptions) -> anyhow::Result<()> {
         gateway: true,
         echo: true,
         dispatcher_env: vec![],
+        agent_env: vec![],
     })
     .await?;
     let user = stack.mint_token("dev", false).await?;

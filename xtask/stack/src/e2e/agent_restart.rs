@@ -32,7 +32,7 @@ pub async fn run(ctx: &Ctx, r: &mut ScenarioReport) -> anyhow::Result<()> {
         );
 
         let restarted = Instant::now();
-        stack.spawn_agent(0)?;
+        stack.spawn_agent(0).await?;
         stack.wait_agent_online(0).await?;
         r.metric(
             "agent reconnection",

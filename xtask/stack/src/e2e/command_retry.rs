@@ -80,7 +80,7 @@ async fn steps(ctx: &Ctx, stack: &mut Stack, r: &mut ScenarioReport) -> anyhow::
 
     // Phase 6: the agent comes back.
     let reconnect = Instant::now();
-    stack.spawn_agent(0)?;
+    stack.spawn_agent(0).await?;
     stack.wait_agent_online(0).await?;
     r.metric(
         "agent reconnection",
@@ -198,7 +198,7 @@ async fn backlog_in_order(
         drop(conn);
         let total = cmds.len();
         let restarted = Instant::now();
-        stack.spawn_agent(0)?;
+        stack.spawn_agent(0).await?;
         stack.wait_agent_online(0).await?;
         let pool = stack.pool.clone();
         let (_, drained) = until(

@@ -105,7 +105,7 @@ async fn steps(stack: &mut Stack, r: &mut ScenarioReport) -> anyhow::Result<()> 
     let proxy = Proxy::start(stack.dispatchers[0].port).await?;
     stack.kill_agent(0).await;
     stack.agents[0].url_override = Some(format!("http://127.0.0.1:{}", proxy.port));
-    stack.spawn_agent(0)?;
+    stack.spawn_agent(0).await?;
     stack.wait_agent_online(0).await?;
     proxy.cut();
     let partition_offline = wait_online(stack, &victim, false).await?;

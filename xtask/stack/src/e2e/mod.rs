@@ -4,8 +4,10 @@
 
 mod agent_restart;
 mod balance;
+mod chaos;
 mod command_retry;
 mod heartbeat;
+mod kubernetes;
 mod resources;
 mod throughput;
 
@@ -42,6 +44,16 @@ pub struct Ctx {
 impl Ctx {
     /// Starts a stack for this scenario.
     pub async fn stack(&self, dispatchers: usize, agents: usize) -> anyhow::Result<Stack> {
+        self.stack_with_agent_env(dispatchers, agents, vec![]).await
+    }
+
+    /// Starts a stack with extra agent settings.
+    pub async fn stack_with_agent_env(
+        &self,
+        dispatchers: usize,
+        agents: usize,
+        agent_env: Vec<(String, String)>,
+    ) -> anyhow::Result<Stack> {
         Stack::start(StackOptions {
             database_url: self.database_url.clone(),
             run_dir: self.run_dir.clone(),
@@ -50,6 +62,7 @@ impl Ctx {
             gateway: true,
             echo: self.echo,
             dispatcher_env: vec![],
+            agent_env,
         })
         .await
     }
@@ -72,6 +85,14 @@ pub const SCENARIOS: &[(&str, ScenarioFn)] = &[
     ("3.4-balance", |c, r| Box::pin(balance::run(c, r))),
     ("4.1-throughput", |c, r| Box::pin(throughput::run(c, r))),
     ("4.2-resources", |c, r| Box::pin(resources::run(c, r))),
+    ("chaos-stream-cut", |c, r| Box::pin(chaos::stream_cut(c, r))),
+    ("chaos-dispatcher-kill", |c, r| {
+        Box::pin(chaos::dispatcher_kill(c, r))
+    }),
+    ("chaos-two-dispatchers", |c, r| {
+        Box::pin(chaos::two_dispatchers(c, r))
+    }),
+    ("kubernetes-runtime", |c, r| Box::pin(kubernetes::run(c, r))),
 ];
 
 /// Runs the selected scenarios; returns whether all passed.
@@ -113,7 +134,11 @@ pub async fn run(
             report.fail(format!("scenario aborted: {e:#}"));
         }
         report.duration_s = started.elapsed().as_secs_f64();
-        let _ = std::fs::remove_dir_all(&run_dir);
+        if std::env::var_os("E2E_KEEP_RUN_DIR").is_some() {
+            eprintln!("kept {} (database {})", run_dir.display(), ctx.database_url);
+        } else {
+            let _ = std::fs::remove_dir_all(&run_dir);
+        }
         eprintln!(
             "[{}/{total}] {name} {} in {:.1}s",
             i + 1,
