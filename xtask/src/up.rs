@@ -36,7 +36,11 @@ pub fn run(flags: UpFlags) -> anyhow::Result<()> {
     if flags.fresh {
         cmd.arg("--fresh");
     }
-    exec(cmd)
+    // Become the stack (no xtask process in between), so Ctrl-C reaches a process that
+    // stops everything in order instead of one that dies and orphans it.
+    use std::os::unix::process::CommandExt as _;
+    let err = cmd.exec();
+    Err(anyhow::Error::new(err).context("starting streamspace-stack"))
 }
 
 pub fn e2e(flags: E2eFlags) -> anyhow::Result<()> {

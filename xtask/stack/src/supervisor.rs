@@ -3,6 +3,7 @@
 //! last log lines.
 
 use std::collections::VecDeque;
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -151,7 +152,9 @@ async fn pump(
     let mut lines = BufReader::new(stream).lines();
     while let Ok(Some(line)) = lines.next_line().await {
         if echo {
-            println!("{prefix} {line}");
+            // A closed stdout (the terminal or a pipe went away) must not stop the pump:
+            // the recent lines are still needed for crash reports.
+            let _ = writeln!(std::io::stdout().lock(), "{prefix} {line}");
         }
         let mut r = recent.lock().unwrap_or_else(|p| p.into_inner());
         if r.len() == RECENT_LINES {

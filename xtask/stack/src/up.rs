@@ -8,6 +8,15 @@ use streamspace_devpg::{ClusterOptions, Durability, PgCluster};
 
 use crate::stack::{Stack, StackOptions};
 
+/// `println!` that ignores a closed stdout: shutting down cleanly matters more than the
+/// banner reaching a terminal that is already gone.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
 #[derive(Debug)]
 pub struct UpOptions {
     pub fresh: bool,
@@ -31,7 +40,7 @@ pub async fn run(opts: UpOptions) -> anyhow::Result<()> {
         })
     })
     .await??;
-    println!(
+    say!(
         "PostgreSQL ready: {} (data in {})",
         cluster.url("postgres"),
         cluster.data_dir().display()
@@ -56,10 +65,10 @@ pub async fn run(opts: UpOptions) -> anyhow::Result<()> {
         _ = tokio::signal::ctrl_c() => Ok(()),
         crash = watch_for_crash(&mut stack) => Err(anyhow::anyhow!(crash)),
     };
-    println!("\nstopping …");
+    say!("\nstopping …");
     stack.stop().await;
     drop(cluster);
-    println!("stopped; nothing left running");
+    say!("stopped; nothing left running");
     outcome
 }
 
@@ -75,38 +84,36 @@ async fn watch_for_crash(stack: &mut Stack) -> String {
 fn print_banner(stack: &Stack, user: &str, admin: &str) {
     let rest = stack.gateway_url();
     let grpc = stack.gateway_grpc_url();
-    println!("\n================ StreamSpace is running ================");
-    println!("REST API      {rest}/api/v1   (OpenAPI: {rest}/api/v1/openapi.json)");
-    println!("gRPC API      {grpc}");
+    say!("\n================ StreamSpace is running ================");
+    say!("REST API      {rest}/api/v1   (OpenAPI: {rest}/api/v1/openapi.json)");
+    say!("gRPC API      {grpc}");
     for i in 0..stack.dispatchers.len() {
-        println!("dispatcher    {}", stack.dispatcher_url(i));
+        say!("dispatcher    {}", stack.dispatcher_url(i));
     }
     for a in &stack.agents {
-        println!(
+        say!(
             "agent         {} (process runtime, state in {})",
             a.agent_id,
             a.state_dir.display()
         );
     }
-    println!("\nuser token (user \"dev\"):\n  export STREAMSPACE_TOKEN={user}");
-    println!("admin token (user \"ops\"):\n  export STREAMSPACE_ADMIN_TOKEN={admin}");
-    println!("\n1. curl — create a session and watch it start:");
-    println!(
+    say!("\nuser token (user \"dev\"):\n  export STREAMSPACE_TOKEN={user}");
+    say!("admin token (user \"ops\"):\n  export STREAMSPACE_ADMIN_TOKEN={admin}");
+    say!("\n1. curl — create a session and watch it start:");
+    say!(
         "  curl -s -X POST {rest}/api/v1/sessions -H \"Authorization: Bearer $STREAMSPACE_TOKEN\" \\"
     );
-    println!(
-        "       -H 'Content-Type: application/json' -d '{{\"template\":\"firefox-browser\"}}'"
-    );
-    println!("  curl -s {rest}/api/v1/sessions -H \"Authorization: Bearer $STREAMSPACE_TOKEN\"");
-    println!("\n2. the CLI (gRPC):");
-    println!(
+    say!("       -H 'Content-Type: application/json' -d '{{\"template\":\"firefox-browser\"}}'");
+    say!("  curl -s {rest}/api/v1/sessions -H \"Authorization: Bearer $STREAMSPACE_TOKEN\"");
+    say!("\n2. the CLI (gRPC):");
+    say!(
         "  STREAMSPACE_API_URL={grpc} cargo run -q -p streamspace-cli -- sessions create firefox-browser --wait"
     );
-    println!("\n3. any gRPC client (reflection is on), e.g. grpcurl:");
-    println!(
+    say!("\n3. any gRPC client (reflection is on), e.g. grpcurl:");
+    say!(
         "  grpcurl -plaintext -H \"authorization: Bearer $STREAMSPACE_TOKEN\" {} streamspace.api.v1.SessionService/ListSessions",
         grpc.trim_start_matches("http://")
     );
-    println!("\nCtrl-C stops everything.");
-    println!("========================================================\n");
+    say!("\nCtrl-C stops everything.");
+    say!("========================================================\n");
 }

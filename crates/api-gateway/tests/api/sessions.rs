@@ -173,6 +173,15 @@ async fn no_eligible_agent_is_503_with_retry_after() {
         .await;
     let detail = a.problem(StatusCode::BAD_REQUEST);
     assert!(detail.contains("no agent is registered"), "{detail}");
+    // So is a region no agent is registered in (found by schemathesis: it was a 503).
+    let a = gw
+        .create(
+            &alice,
+            json!({"template": "firefox-browser", "region": "mars-north"}),
+        )
+        .await;
+    let detail = a.problem(StatusCode::BAD_REQUEST);
+    assert!(detail.contains("no agent is registered"), "{detail}");
     // A known cluster whose agents are all full is a shortage: 503.
     sqlx::query("UPDATE agents SET max_sessions = 1 WHERE agent_id = 'a-off'")
         .execute(&gw.pool)

@@ -73,14 +73,14 @@ pub async fn agent_choose(
     if let Some(agent_id) = chosen {
         return Ok(agent_id);
     }
-    if placement.cluster.is_some() {
+    if placement.cluster.is_some() || placement.region.is_some() {
         // A named place where no agent exists at all is the caller's mistake, not a
         // transient shortage: waiting will not help.
         let known = sqlx::query_scalar!(
             r#"
             SELECT EXISTS (
                 SELECT 1 FROM agents
-                WHERE cluster = $1 AND ($2::text IS NULL OR region = $2)
+                WHERE ($1::text IS NULL OR cluster = $1) AND ($2::text IS NULL OR region = $2)
             ) AS "known!"
             "#,
             placement.cluster,
@@ -94,6 +94,8 @@ pub async fn agent_choose(
                 placement.describe()
             )));
         }
+    }
+    if placement.cluster.is_some() {
         return Err(Error::NoEligibleAgent(format!(
             "every agent registered for {} is at its max_sessions; retry later",
             placement.describe()
