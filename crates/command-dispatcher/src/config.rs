@@ -25,6 +25,8 @@ pub struct DispatcherConfig {
     pub queue: QueueConfig,
     /// Address of the agent-facing gRPC server. Port 0 picks a free port.
     pub listen: SocketAddr,
+    /// Address of the HTTP side (`/metrics`, `/healthz`). Port 0 picks a free port.
+    pub metrics_listen: SocketAddr,
     /// Name of this replica; lease owners and logs carry it. Defaults to host-pid.
     pub dispatcher_id: String,
     pub heartbeat_interval_ms: u64,
@@ -46,6 +48,7 @@ impl Default for DispatcherConfig {
             },
             queue: QueueConfig::default(),
             listen: SocketAddr::from(([127, 0, 0, 1], 7001)),
+            metrics_listen: SocketAddr::from(([127, 0, 0, 1], 7002)),
             dispatcher_id: default_dispatcher_id(),
             heartbeat_interval_ms: DEFAULT_HEARTBEAT_INTERVAL_MS,
             offline_after_ms: DEFAULT_OFFLINE_AFTER_MS,

@@ -10,6 +10,7 @@ mod auth;
 mod config;
 mod connection;
 mod convert;
+mod http;
 mod maintenance;
 mod registry;
 mod service;
@@ -47,6 +48,8 @@ pub struct App {
     shared: Arc<Shared>,
     listener: TcpListener,
     addr: SocketAddr,
+    http_listener: TcpListener,
+    http_addr: SocketAddr,
     shutdown_tx: watch::Sender<bool>,
 }
 
@@ -66,6 +69,10 @@ impl App {
             .await
             .with_context(|| format!("binding {}", config.listen))?;
         let addr = listener.local_addr()?;
+        let http_listener = TcpListener::bind(config.metrics_listen)
+            .await
+            .with_context(|| format!("binding {}", config.metrics_listen))?;
+        let http_addr = http_listener.local_addr()?;
         let (shutdown_tx, shutdown) = watch::channel(false);
         let shared = Arc::new(Shared {
             config,
@@ -77,6 +84,8 @@ impl App {
             shared,
             listener,
             addr,
+            http_listener,
+            http_addr,
             shutdown_tx,
         })
     }
@@ -84,6 +93,11 @@ impl App {
     /// The bound gRPC address (useful when configured with port 0).
     pub fn grpc_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The bound address of `/metrics` and `/healthz`.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
     }
 
     /// Serves until `stop` resolves, then shuts down in order: report NOT_SERVING, stop
@@ -95,6 +109,7 @@ impl App {
         let Self {
             shared,
             listener,
+            http_listener,
             shutdown_tx,
             ..
         } = self;
@@ -117,6 +132,14 @@ impl App {
             tokio::spawn(wake_on_notify(shared.clone())),
             tokio::spawn(LeaseRescuer::new(shared.clone()).run()),
             tokio::spawn(CommandPruner::new(shared.clone()).run()),
+            tokio::spawn({
+                let app = http::router(shared.clone());
+                async move {
+                    if let Err(e) = axum::serve(http_listener, app).await {
+                        tracing::error!(error = %e, "metrics server failed");
+                    }
+                }
+            }),
         ];
 
         let mut shutdown_rx = shared.shutdown.clone();

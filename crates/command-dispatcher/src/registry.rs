@@ -56,6 +56,11 @@ impl Registry {
         }
     }
 
+    /// Connections held now.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, ConnectionHandle>> {
         // A panic while holding this lock cannot leave the map inconsistent (every
         // operation is a single insert/remove/read), so a poisoned lock is still usable.

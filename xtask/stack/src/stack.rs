@@ -157,6 +157,7 @@ impl Stack {
         let d = &self.dispatchers[i];
         let mut env = self.database_env();
         env.push(("STREAMSPACE_LISTEN".into(), format!("127.0.0.1:{}", d.port)));
+        env.push(("STREAMSPACE_METRICS_LISTEN".into(), "127.0.0.1:0".into()));
         env.push(("STREAMSPACE_DISPATCHER_ID".into(), d.name.clone()));
         env.extend(self.options.dispatcher_env.iter().cloned());
         let spec = Spec {

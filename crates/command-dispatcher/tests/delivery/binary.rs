@@ -7,6 +7,7 @@ fn dispatcher(url: &str, args: &[&str]) -> std::process::Output {
         .args(args)
         .env("STREAMSPACE_DATABASE__URL", url)
         .env("STREAMSPACE_LISTEN", "127.0.0.1:0")
+        .env("STREAMSPACE_METRICS_LISTEN", "127.0.0.1:0")
         .env("RUST_LOG", "warn")
         .output()
         .expect("run the dispatcher binary")

@@ -20,6 +20,8 @@ use tonic::transport::{Channel, Endpoint};
 /// A dispatcher running in this process.
 pub struct TestDispatcher {
     pub addr: SocketAddr,
+    /// `/metrics` and `/healthz`.
+    pub http_addr: SocketAddr,
     pub pool: PgPool,
     pub queue: CommandQueue,
     pub config: DispatcherConfig,
@@ -36,6 +38,7 @@ pub fn fast_config(url: &str) -> DispatcherConfig {
             ..Default::default()
         },
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        metrics_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         heartbeat_interval_ms: 200,
         offline_after_ms: 600,
         poll_interval_ms: 200,
@@ -59,6 +62,7 @@ impl TestDispatcher {
             .await
             .expect("dispatcher builds");
         let addr = app.grpc_addr();
+        let http_addr = app.http_addr();
         let pool = sqlx::PgPool::connect(config.database.url.expose())
             .await
             .unwrap();
@@ -69,6 +73,7 @@ impl TestDispatcher {
         }));
         Self {
             addr,
+            http_addr,
             pool,
             queue,
             config,

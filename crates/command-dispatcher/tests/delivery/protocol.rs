@@ -301,3 +301,57 @@ async fn graceful_shutdown_releases_leases_and_closes_streams() {
     );
     assert!(!d.agent_online("agent-a").await);
 }
+
+#[tokio::test]
+async fn an_undecodable_row_is_quarantined_counted_on_metrics_and_the_queue_keeps_flowing() {
+    let d = TestDispatcher::start().await;
+    let token = d.agent("agent-a").await;
+    // Written by something that knows an action this build does not.
+    sqlx::query(
+        "INSERT INTO agent_commands (command_id, agent_id, session_id, action)
+         VALUES ('cmd-from-the-future', 'agent-a', 's-1', 'teleport_session')",
+    )
+    .execute(&d.pool)
+    .await
+    .unwrap();
+    let behind = stop("agent-a", "s-1");
+    d.enqueue(std::slice::from_ref(&behind)).await;
+
+    let mut agent = RawAgent::connect(&d.url(), &token).await;
+    let c = agent.next_command(LIMIT).await;
+    assert_eq!(
+        c.command_id,
+        behind.command_id.to_string(),
+        "the row behind it is delivered"
+    );
+    let (status, error): (String, Option<String>) = sqlx::query_as(
+        "SELECT status, error_message FROM agent_commands WHERE command_id = 'cmd-from-the-future'",
+    )
+    .fetch_one(&d.pool)
+    .await
+    .unwrap();
+    assert_eq!(status, "failed");
+    assert!(
+        error
+            .unwrap()
+            .contains("unknown action \"teleport_session\"")
+    );
+
+    let text = reqwest::get(format!("http://{}/metrics", d.http_addr))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let quarantined: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("streamspace_commands_quarantined_total "))
+        .expect("the counter is exported")
+        .parse()
+        .unwrap();
+    assert!(quarantined >= 1, "{text}");
+    assert!(
+        text.contains("streamspace_dispatcher_agent_connections 1"),
+        "{text}"
+    );
+}
