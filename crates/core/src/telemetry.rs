@@ -1,4 +1,5 @@
-//! Logging set-up and the process-wide counters every service exports.
+//! Logging set-up, the process-wide counters every service exports, and the one
+//! shutdown signal every service waits on.
 //!
 //! Counters are plain atomics so that `core` stays free of any exporter; services render
 //! them on `/metrics` in Prometheus text format via [`Metrics::render_prometheus`].
@@ -130,5 +131,24 @@ impl Metrics {
             let _ = writeln!(out, "{name} {}", value.load(Ordering::Relaxed));
         }
         out
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM: the one shutdown trigger of every service binary.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
     }
 }
