@@ -168,7 +168,14 @@ impl Agent {
                     "the dispatcher rejected this agent's credential; retrying at the cap interval until an operator fixes it");
                 backoff.cap()
             } else {
-                if ended.welcomed {
+                // A superseded stream keeps backing off: resetting would make two
+                // processes sharing one credential take the stream from each other
+                // in a tight loop.
+                if ended.superseded {
+                    tracing::error!(
+                        "another connection of this agent took over; is a second process using the same credential?"
+                    );
+                } else if ended.welcomed {
                     backoff.reset();
                 }
                 let delay = backoff.next_delay();
@@ -447,6 +454,9 @@ struct Ended {
     welcomed: bool,
     /// Shutdown was requested.
     stopping: bool,
+    /// The dispatcher closed the stream because a newer connection of this agent took
+    /// over (`ABORTED`): most likely another process runs with the same credential.
+    superseded: bool,
 }
 
 impl Ended {
@@ -456,6 +466,7 @@ impl Ended {
             rejected: false,
             welcomed: false,
             stopping: false,
+            superseded: false,
         }
     }
 
@@ -472,6 +483,7 @@ impl Ended {
                 status.code(),
                 Code::Unauthenticated | Code::PermissionDenied
             ),
+            superseded: status.code() == Code::Aborted,
             ..Self::failed(format!("{:?}: {}", status.code(), status.message()))
         }
     }

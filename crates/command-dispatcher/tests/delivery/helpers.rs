@@ -296,6 +296,20 @@ impl RawAgent {
         .await;
     }
 
+    /// The status the stream ends with (`Ok` for a clean end), failing after `limit`.
+    pub async fn end_status(&mut self, limit: Duration) -> tonic::Code {
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, self.rx.message()).await {
+                Err(_) => panic!("the stream did not end within {limit:?}"),
+                Ok(Ok(Some(_))) => continue,
+                Ok(Ok(None)) => return tonic::Code::Ok,
+                Ok(Err(status)) => return status.code(),
+            }
+        }
+    }
+
     /// Waits until the dispatcher closes the stream (or `limit` passes).
     pub async fn closed_within(&mut self, limit: Duration) -> bool {
         let deadline = Instant::now() + limit;

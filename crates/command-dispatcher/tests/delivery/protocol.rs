@@ -170,7 +170,11 @@ async fn a_new_connection_fences_the_old_one_and_the_agent_stays_online() {
 
     let mut new = RawAgent::connect(&d.url(), &token).await;
     assert!(new.welcome.connection_epoch > old.welcome.connection_epoch);
-    assert!(old.closed_within(LIMIT).await, "the older stream is closed");
+    assert_eq!(
+        old.end_status(LIMIT).await,
+        tonic::Code::Aborted,
+        "the older stream is closed, saying it was superseded"
+    );
     // The command the old connection held is redelivered to the new one, with a new token.
     let again = new.next_command(LIMIT).await;
     assert_eq!(again.command_id, held.command_id);
