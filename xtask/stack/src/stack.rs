@@ -43,6 +43,9 @@ pub struct StackOptions {
     pub dispatcher_env: Vec<(String, String)>,
     /// Extra `STREAMSPACE_*` settings for every agent (runtime selection, templates).
     pub agent_env: Vec<(String, String)>,
+    /// Prefer the services' documented default ports (REST 8080, gRPC 9090, dispatcher
+    /// 7001) when free; e2e runs use any free ports.
+    pub default_ports: bool,
 }
 
 /// One agent of the stack.
@@ -86,6 +89,15 @@ pub struct Stack {
     colour: usize,
 }
 
+/// `preferred` when `use_preferred` and it is free (the documented defaults, so `up` has
+/// stable addresses), else any free port.
+fn port(use_preferred: bool, preferred: u16) -> anyhow::Result<u16> {
+    if use_preferred && TcpListener::bind(("127.0.0.1", preferred)).is_ok() {
+        return Ok(preferred);
+    }
+    free_port()
+}
+
 pub fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
@@ -109,7 +121,7 @@ impl Stack {
             colour: 0,
         };
         for i in 0..stack.options.dispatchers {
-            let port = free_port()?;
+            let port = port(stack.options.default_ports && i == 0, 7001)?;
             stack.dispatchers.push(DispatcherProc {
                 name: format!("dispatcher-{}", i + 1),
                 port,
@@ -260,8 +272,8 @@ impl Stack {
 
     async fn start_gateway(&mut self) -> anyhow::Result<()> {
         let colour = self.next_colour();
-        let http_port = free_port()?;
-        let grpc_port = free_port()?;
+        let http_port = port(self.options.default_ports, 8080)?;
+        let grpc_port = port(self.options.default_ports, 9090)?;
         let mut env = self.gateway_env();
         env.push((
             "STREAMSPACE_HTTP__LISTEN".into(),

@@ -55,6 +55,7 @@ pub async fn run(opts: UpOptions) -> anyhow::Result<()> {
         echo: true,
         dispatcher_env: vec![],
         agent_env: vec![],
+        default_ports: true,
     })
     .await?;
     let user = stack.mint_token("dev", false).await?;

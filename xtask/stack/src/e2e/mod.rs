@@ -63,6 +63,7 @@ impl Ctx {
             echo: self.echo,
             dispatcher_env: vec![],
             agent_env,
+            default_ports: false,
         })
         .await
     }
