@@ -17,6 +17,8 @@ pub enum Task {
     Up(UpFlags),
     /// The original integration test plan against real processes.
     E2e(E2eFlags),
+    /// Queue throughput on a private PostgreSQL with fsync on (release build).
+    Bench(BenchFlags),
     /// Apply migrations to DATABASE_URL (or the local development database).
     Migrate(MigrateFlags),
     /// Regenerate `.sqlx/` (the compile-time query data) against the migrations.
@@ -71,4 +73,11 @@ pub struct SqlxPrepareFlags {
     /// Fail if `.sqlx/` is out of date instead of rewriting it.
     #[arg(long)]
     pub check: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct BenchFlags {
+    /// Passed to `streamspace-stack bench` (e.g. `--commands 100000 --claimers 8`).
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    pub args: Vec<String>,
 }

@@ -7,7 +7,7 @@ use std::process::Command;
 
 use anyhow::Context;
 
-use crate::flags::{E2eFlags, UpFlags};
+use crate::flags::{BenchFlags, E2eFlags, UpFlags};
 use crate::util::{cargo, exec, root};
 
 /// Builds every binary of the workspace (debug), the ones the stack starts.
@@ -54,4 +54,14 @@ pub fn e2e(flags: E2eFlags) -> anyhow::Result<()> {
         cmd.arg("--verbose");
     }
     exec(cmd).context("end-to-end scenarios failed")
+}
+
+/// Benchmarks are measured on an optimised build; the figures go to `target/bench/`.
+pub fn bench(flags: BenchFlags) -> anyhow::Result<()> {
+    let mut build = cargo();
+    build.args(["build", "--release", "--package", "streamspace-stack"]);
+    exec(build)?;
+    let mut cmd = Command::new(root().join("target/release/streamspace-stack"));
+    cmd.current_dir(root()).arg("bench").args(&flags.args);
+    exec(cmd)
 }

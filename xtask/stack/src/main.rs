@@ -23,6 +23,19 @@ enum Flags {
         #[arg(long, default_value_t = 1)]
         dispatchers: usize,
     },
+    /// Measure the queue's throughput (fsync on).
+    Bench {
+        #[arg(long, default_value_t = 50_000)]
+        commands: usize,
+        #[arg(long, default_value_t = 500)]
+        sessions: usize,
+        #[arg(long, default_value_t = 4)]
+        claimers: usize,
+        #[arg(long, default_value_t = 256)]
+        batch: i64,
+        #[arg(long, default_value = "target/bench/queue.json")]
+        out: PathBuf,
+    },
     /// Run the end-to-end scenarios.
     E2e {
         /// Run only this scenario (e.g. 3.2-command-retry).
@@ -54,6 +67,21 @@ async fn main() -> anyhow::Result<()> {
                 dispatchers,
             })
             .await
+        }
+        Flags::Bench {
+            commands,
+            sessions,
+            claimers,
+            batch,
+            out,
+        } => {
+            let opts = streamspace_stack::bench::BenchOptions {
+                commands,
+                sessions,
+                claimers,
+                batch,
+            };
+            streamspace_stack::bench::run(opts, &out).await
         }
         Flags::E2e {
             scenario,
