@@ -241,7 +241,6 @@ impl Agent {
                 self.executor.clone(),
                 heartbeat_interval,
                 ping.clone(),
-                outbound.inventory.clone(),
             )),
             tokio::spawn(forward_events(
                 outbound.sender.clone(),
@@ -300,11 +299,13 @@ impl Agent {
         let (sender, receiver) = mpsc::channel(OUTBOUND_BUFFER);
         // Subscribed before the inventory is taken, so no change falls between the two.
         let events = self.runtime.subscribe();
-        let inventory = match self.runtime.list().await {
-            Ok(sessions) => sessions,
+        // Unknown is not empty: a failed listing says so, and the dispatcher then changes
+        // no session state (an empty list would read as "every session was lost").
+        let (inventory, inventory_unknown) = match self.runtime.list().await {
+            Ok(sessions) => (sessions, false),
             Err(e) => {
-                tracing::warn!(error = %e, "cannot list sessions for Hello; sending none");
-                Vec::new()
+                tracing::warn!(error = %e, "cannot list sessions; Hello says the inventory is unknown");
+                (Vec::new(), true)
             }
         };
         let mut capabilities: Vec<String> = streamspace_core::Action::ALL
@@ -318,6 +319,8 @@ impl Agent {
             capabilities,
             sessions: inventory.iter().cloned().map(Into::into).collect(),
             runtime: self.runtime.name().to_owned(),
+            inventory_unknown,
+            commands_in_progress: self.executor.held_commands(),
         };
         // The channel is empty and its receiver alive: this cannot fail.
         let _ = sender.try_send(message(Msg::Hello(hello)));
@@ -361,15 +364,7 @@ impl Agent {
                 welcome.protocol_version
             )));
         }
-        Ok((
-            Outbound {
-                sender,
-                events,
-                inventory,
-            },
-            inbound,
-            welcome,
-        ))
+        Ok((Outbound { sender, events }, inbound, welcome))
     }
 
     async fn handle(
@@ -440,8 +435,6 @@ impl RunningAgent {
 struct Outbound {
     sender: mpsc::Sender<proto::AgentMessage>,
     events: broadcast::Receiver<Observation>,
-    /// The inventory sent in `Hello`, until the first heartbeat refreshes it.
-    inventory: Vec<Observation>,
 }
 
 /// Why a connection ended.
@@ -510,7 +503,6 @@ async fn heartbeats(
     executor: Executor,
     interval: Duration,
     ping: Arc<Notify>,
-    mut inventory: Vec<Observation>,
 ) {
     // The first tick is one interval out: `Hello` just carried the inventory.
     let mut ticker = tokio::time::interval_at(Instant::now() + interval, interval);
@@ -520,17 +512,22 @@ async fn heartbeats(
             _ = ticker.tick() => {}
             _ = ping.notified() => {}
         }
-        match runtime.list().await {
-            Ok(sessions) => inventory = sessions,
-            // A heartbeat without sessions would read as "runs nothing"; repeat the last
-            // inventory known instead.
+        let mark = executor.finish_mark();
+        let (sessions, inventory_unknown) = match runtime.list().await {
+            // Without the sessions whose command finished while listing: the result already
+            // sent says where they stand, and this listing may be older.
+            Ok(listed) => (executor.fresh_inventory(listed, mark), false),
+            // Liveness only; neither an empty nor a repeated old inventory, both of which
+            // would be read as observations.
             Err(e) => {
-                tracing::warn!(error = %e, "cannot list sessions; heartbeat repeats the last inventory")
+                tracing::warn!(error = %e, "cannot list sessions; heartbeat says the inventory is unknown");
+                (Vec::new(), true)
             }
-        }
+        };
         let heartbeat = proto::Heartbeat {
-            sessions: inventory.iter().cloned().map(Into::into).collect(),
+            sessions: sessions.into_iter().map(Into::into).collect(),
             commands_in_progress: executor.in_progress(),
+            inventory_unknown,
         };
         if outbound
             .send(message(Msg::Heartbeat(heartbeat)))

@@ -3,8 +3,9 @@
 //!
 //! The executor outlives connections. A command that finishes while the agent is
 //! disconnected keeps its outcome here; the dispatcher redelivers it after the reconnect
-//! (its lease was released when the stream closed) and the stored outcome is re-sent under
-//! the new lease token, without executing again.
+//! and the stored outcome is re-sent under the new lease token, without executing again.
+//! A *retryable* failure is the exception: it is not final (the queue scheduled another
+//! attempt), so its redelivery under a new lease runs the runtime again — idempotently.
 //!
 //! Per command the executor remembers a [`Phase`]:
 //!
@@ -76,6 +77,13 @@ struct Entry {
     /// it, because a report under an older token is ignored.
     lease_token: i64,
     phase: Phase,
+    /// The session the command acts on, when it has one.
+    session_id: Option<String>,
+    /// When it finished, in [`State::finish_seq`] order (0 while not finished).
+    finished_seq: u64,
+    /// It finished while no connection could take its result (or sending failed): the
+    /// agent still holds a result the dispatcher has not seen.
+    unreported: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -110,6 +118,8 @@ struct State {
     sessions: HashMap<String, VecDeque<Job>>,
     /// The current connection's writer; `None` while disconnected.
     outbound: Option<mpsc::Sender<proto::AgentMessage>>,
+    /// Counts finished commands; heartbeats use it to tell which listings are stale.
+    finish_seq: u64,
     /// Set at shutdown: nothing new starts.
     draining: bool,
 }
@@ -167,8 +177,54 @@ impl Executor {
         u32::try_from(n).unwrap_or(u32::MAX)
     }
 
+    /// Ids of the commands this process holds for the dispatcher: acked and not finished,
+    /// or finished with a result it may not have seen. Sent in `Hello`, so a reconnect hands
+    /// their leases to the new connection without counting an attempt.
+    pub fn held_commands(&self) -> Vec<String> {
+        let state = self.state();
+        let mut ids: Vec<String> = state
+            .commands
+            .iter()
+            .filter(|(_, e)| !matches!(e.phase, Phase::Done(_)) || e.unreported)
+            .map(|(id, _)| id.clone())
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    /// A mark to take before listing the runtime's sessions; see [`Self::fresh_inventory`].
+    pub fn finish_mark(&self) -> u64 {
+        self.state().finish_seq
+    }
+
+    /// `listed` without the sessions the listing may be stale for: those with a command
+    /// queued or running now, or one that finished after `mark` was taken. Their state is
+    /// reported by the command's result, and a heartbeat sent after that result must not
+    /// carry an older observation of the same session.
+    pub fn fresh_inventory(&self, listed: Vec<Observation>, mark: u64) -> Vec<Observation> {
+        let state = self.state();
+        let mut busy: std::collections::HashSet<&str> =
+            state.sessions.keys().map(String::as_str).collect();
+        for id in state.done_order.iter().rev() {
+            let Some(entry) = state.commands.get(id) else {
+                continue;
+            };
+            if entry.finished_seq <= mark {
+                break;
+            }
+            if let Some(session) = &entry.session_id {
+                busy.insert(session);
+            }
+        }
+        listed
+            .into_iter()
+            .filter(|o| !busy.contains(o.session_id.as_str()))
+            .collect()
+    }
+
     /// Decides what a delivered command needs: an `Ack` always, plus the stored result
-    /// when it already finished (redelivery), or a ticket when it is new.
+    /// when it already finished (redelivery), or a ticket when it is new — or when its
+    /// earlier attempt failed retryably and this is the retry.
     pub fn on_command(&self, cmd: proto::Command) -> Delivery {
         let mut state = self.state();
         if state.draining {
@@ -184,9 +240,25 @@ impl Executor {
             messages: vec![ack],
             ticket: None,
         };
+        let retry = state.commands.get(&cmd.command_id).is_some_and(|e| {
+            e.lease_token != cmd.lease_token
+                && matches!(
+                    e.phase,
+                    Phase::Done(Outcome::Failed {
+                        retryable: true,
+                        ..
+                    })
+                )
+        });
+        if retry {
+            tracing::info!(command_id = %cmd.command_id, lease_token = cmd.lease_token, attempt = cmd.attempt, "retrying a command whose last attempt failed retryably");
+            state.commands.remove(&cmd.command_id);
+            state.done_order.retain(|id| id != &cmd.command_id);
+        }
         if let Some(entry) = state.commands.get_mut(&cmd.command_id) {
             entry.lease_token = cmd.lease_token;
             if let Phase::Done(outcome) = &entry.phase {
+                entry.unreported = false;
                 tracing::info!(command_id = %cmd.command_id, lease_token = cmd.lease_token, "redelivered command already finished; re-sending its result");
                 delivery
                     .messages
@@ -203,6 +275,9 @@ impl Executor {
                     Entry {
                         lease_token: cmd.lease_token,
                         phase: Phase::Received,
+                        session_id: Some(job.session_id.clone()),
+                        finished_seq: 0,
+                        unreported: false,
                     },
                 );
                 delivery.ticket = Some(Ticket(job));
@@ -308,11 +383,19 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl State {
     fn finish(&mut self, command_id: &str, lease_token: i64, outcome: Outcome, remembered: usize) {
+        self.finish_seq += 1;
+        let session_id = self
+            .commands
+            .get(command_id)
+            .and_then(|e| e.session_id.clone());
         self.commands.insert(
             command_id.to_owned(),
             Entry {
                 lease_token,
                 phase: Phase::Done(outcome),
+                session_id,
+                finished_seq: self.finish_seq,
+                unreported: self.outbound.is_none(),
             },
         );
         self.done_order.push_back(command_id.to_owned());
@@ -407,6 +490,9 @@ async fn worker(inner: Arc<Inner>, session_id: String) {
                 command_id,
                 "connection closed before the result was sent; kept for redelivery"
             );
+            if let Some(entry) = lock(&inner.state).commands.get_mut(&command_id) {
+                entry.unreported = true;
+            }
         }
         // Counted down only after the result is with the writer, so draining at shutdown
         // waits for results to be queued, not just computed.

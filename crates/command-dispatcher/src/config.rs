@@ -15,6 +15,9 @@ pub const DEFAULT_OFFLINE_AFTER_MS: u64 = 15_000;
 pub const DEFAULT_MAX_IN_FLIGHT: u32 = 64;
 /// Default interval of the polling safety net behind LISTEN/NOTIFY.
 pub const DEFAULT_POLL_INTERVAL_MS: u64 = 1_000;
+/// Default number of failed database probes in a row before the replica gives up its
+/// agents: three heartbeat intervals, the same bound that makes an agent offline.
+pub const DEFAULT_DB_FAILURES_BEFORE_UNREADY: u32 = 3;
 /// Largest gRPC message either side may send.
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1024 * 1024;
 
@@ -34,6 +37,10 @@ pub struct DispatcherConfig {
     pub max_in_flight: u32,
     pub poll_interval_ms: u64,
     pub max_message_bytes: usize,
+    /// Consecutive failed database probes (one per heartbeat interval, each bounded by it)
+    /// after which this replica reports not-ready and ends its agent streams, so agents
+    /// fail over to a replica that can reach the database.
+    pub db_failures_before_unready: u32,
     pub maintenance: MaintenanceConfig,
     /// JSON log lines instead of human-readable ones.
     pub log_json: bool,
@@ -55,6 +62,7 @@ impl Default for DispatcherConfig {
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
             poll_interval_ms: DEFAULT_POLL_INTERVAL_MS,
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            db_failures_before_unready: DEFAULT_DB_FAILURES_BEFORE_UNREADY,
             maintenance: MaintenanceConfig::default(),
             log_json: false,
         }
@@ -94,6 +102,9 @@ impl DispatcherConfig {
         }
         if self.max_in_flight == 0 || self.max_in_flight > 10_000 {
             return Err("max_in_flight must be 1..=10000".into());
+        }
+        if self.db_failures_before_unready == 0 {
+            return Err("db_failures_before_unready must be at least 1".into());
         }
         if self.poll_interval_ms == 0 {
             return Err("poll_interval_ms must be positive".into());

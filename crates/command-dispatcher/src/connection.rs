@@ -1,37 +1,74 @@
 //! One agent connection: the hello/welcome handshake, the delivery loop that claims and
-//! pushes commands, the reader that applies the agent's reports, and the clean-up that
-//! returns the connection's leases when it ends.
+//! pushes commands, the reader that admits the agent's reports (applied by
+//! [`crate::reports`]), and the clean-up when it ends.
 //!
 //! Invariants:
 //! - One writer per stream: everything outbound goes through one bounded `mpsc`, so HTTP/2
 //!   flow control is the backpressure.
-//! - Claims name this connection's epoch: once superseded, it can never take new work.
+//! - **Every step is fenced by the connection's epoch**: the handshake's lease hand-over
+//!   and reconciliation, registration here, claims, lease renewal, reports and clean-up.
+//!   A superseded connection — even one whose handshake is still running when a newer one
+//!   completes — ends itself and writes nothing.
+//! - **The connection touches only what it holds.** `in_flight` is exactly the leases it
+//!   pushed and has no result for; only reports for those are written, only those are
+//!   renewed. A lease it does not know of (a claim whose reply was lost) expires and is
+//!   rescued.
 //! - Clean-up is fenced by epoch: it never marks a newer connection offline.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::FutureExt;
 use streamspace_core::agents::{self, AgentIdentity, ConnectInfo};
 use streamspace_core::command::{CommandId, Lease};
-use streamspace_core::queue::{ClaimParams, Completion, Failure, FailureOutcome, Outcome};
-use streamspace_core::sessions::{self, Observation};
+use streamspace_core::queue::{ClaimParams, Completion, Failure};
+use streamspace_core::sessions::{self, Observation, Reporter};
 use streamspace_proto::agent::v1::{self as pb, agent_message::Msg, dispatcher_message};
 use tokio::sync::{Notify, mpsc, watch};
+use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
 
 use crate::Shared;
 use crate::convert;
 use crate::registry::ConnectionHandle;
+use crate::reports::{self, Report};
 
 /// How long an agent may take to send `Hello` after connecting.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
-/// Most reports applied in one batch (one statement per kind).
+/// Most messages read into one batch.
 const MAX_REPORT_BATCH: usize = 512;
+/// First pause before writing failed reports again; doubles up to [`RETRY_CAP`].
+const RETRY_BASE: Duration = Duration::from_millis(100);
+const RETRY_CAP: Duration = Duration::from_secs(2);
+/// Bound on the clean-up's database writes; past it the leases expire and are rescued.
+const CLEAN_UP_TIMEOUT: Duration = Duration::from_secs(5);
 
 type Outbound = mpsc::Sender<Result<pb::DispatcherMessage, Status>>;
+
+/// Counts a handshake from authentication to `Welcome` (or failure) on `/metrics`.
+struct HandshakeGauge<'a>(&'a Shared);
+
+impl<'a> HandshakeGauge<'a> {
+    fn new(shared: &'a Shared) -> Self {
+        shared
+            .stats
+            .handshakes_in_progress
+            .fetch_add(1, Ordering::SeqCst);
+        Self(shared)
+    }
+}
+
+impl Drop for HandshakeGauge<'_> {
+    fn drop(&mut self) {
+        self.0
+            .stats
+            .handshakes_in_progress
+            .fetch_sub(1, Ordering::SeqCst);
+    }
+}
 
 /// Performs the handshake and starts serving the connection; returns the outbound stream.
 pub async fn accept(
@@ -39,6 +76,7 @@ pub async fn accept(
     identity: AgentIdentity,
     mut inbound: Streaming<pb::AgentMessage>,
 ) -> Result<ReceiverStream<Result<pb::DispatcherMessage, Status>>, Status> {
+    let _gauge = HandshakeGauge::new(&shared);
     let agent_id = identity.agent_id.clone();
     let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
         Ok(Ok(Some(pb::AgentMessage {
@@ -74,47 +112,114 @@ pub async fn accept(
     let pool = shared.queue.pool();
     let epoch = agents::agent_connect(pool, &agent_id, &owner, &info)
         .await
-        .map_err(internal)?;
+        .map_err(|e| internal(&agent_id, e))?;
 
-    let (close_tx, close_rx) = watch::channel(false);
-    let wake = Arc::new(Notify::new());
-    shared.registry.register(
-        &agent_id,
-        ConnectionHandle {
-            epoch,
-            wake: wake.clone(),
-            close: close_tx,
-        },
-    );
+    // From here on the database names this connection the agent's current one: whatever
+    // fails before the stream is served must undo that, or the agent shows online with
+    // nobody holding its stream.
+    match handshake(&shared, &agent_id, &owner, epoch, &hello, inbound).await {
+        Ok(started) => Ok(started),
+        Err(status) => {
+            shared.registry.unregister(&agent_id, epoch);
+            if let Err(e) = agents::agent_disconnect(pool, &agent_id, epoch).await {
+                tracing::error!(agent_id, epoch, error = %e, "undoing a failed handshake failed");
+            }
+            Err(status)
+        }
+    }
+}
+
+/// The fenced steps after `agent_connect`: hand over older connections' leases, reconcile
+/// the inventory, register, welcome. A step that finds the connection superseded ends the
+/// handshake with `ABORTED` and has written nothing.
+async fn handshake(
+    shared: &Arc<Shared>,
+    agent_id: &str,
+    owner: &str,
+    epoch: i64,
+    hello: &pb::Hello,
+    inbound: Streaming<pb::AgentMessage>,
+) -> Result<ReceiverStream<Result<pb::DispatcherMessage, Status>>, Status> {
+    let pool = shared.queue.pool();
+    let superseded = |e: streamspace_core::Error| match e {
+        streamspace_core::Error::Superseded { .. } => {
+            tracing::info!(
+                agent_id,
+                epoch,
+                "handshake superseded by a newer connection; ending it"
+            );
+            Status::aborted("superseded by a newer connection of this agent")
+        }
+        other => internal(agent_id, other),
+    };
 
     // Whatever older connections of this agent held goes back to the queue now, not when
     // their leases expire: the agent is here, on this connection.
     let released = shared
         .queue
-        .command_release_agent_except(&agent_id, &owner)
+        .command_release_superseded(agent_id, epoch, owner, &hello.commands_in_progress)
         .await
-        .map_err(internal)?;
-    if !released.requeued.is_empty() {
+        .map_err(superseded)?;
+    if !released.requeued.is_empty() || !released.failed.is_empty() {
         tracing::info!(
             agent_id,
-            count = released.requeued.len(),
+            requeued = released.requeued.len(),
+            failed = released.failed.len(),
             "returned leases of a previous connection"
         );
     }
+
+    let reporter = Reporter {
+        agent_id,
+        epoch,
+        owner,
+    };
     let inventory: Vec<Observation> = hello
         .sessions
         .iter()
         .filter_map(convert::observation)
         .collect();
-    if let Err(e) = sessions::session_reconcile(pool, &agent_id, &inventory).await {
-        tracing::error!(agent_id, error = %e, "reconciling the agent's sessions failed");
+    if hello.inventory_unknown {
+        // Unknown is not empty: nothing is marked lost, no orphan is stopped.
+        tracing::warn!(
+            agent_id,
+            "the agent could not list its sessions; reconciliation skipped until it reconnects with an inventory"
+        );
+    } else {
+        match sessions::session_reconcile(pool, reporter, &inventory).await {
+            Ok(_) => {}
+            Err(e @ streamspace_core::Error::Superseded { .. }) => return Err(superseded(e)),
+            // Not needed for delivery; the next connection reconciles again.
+            Err(e) => {
+                tracing::error!(agent_id, error = %e, "reconciling the agent's sessions failed")
+            }
+        }
+    }
+
+    let (close_tx, close_rx) = watch::channel(false);
+    let wake = Arc::new(Notify::new());
+    let handle = ConnectionHandle {
+        epoch,
+        wake: wake.clone(),
+        close: close_tx,
+    };
+    if let Err(newer) = shared.registry.register(agent_id, handle) {
+        tracing::info!(
+            agent_id,
+            epoch,
+            newer,
+            "a newer connection is already served here; ending this one"
+        );
+        return Err(Status::aborted(
+            "superseded by a newer connection of this agent",
+        ));
     }
 
     let capacity = shared.config.max_in_flight as usize + 32;
     let (tx, rx) = mpsc::channel(capacity);
     let welcome = pb::DispatcherMessage {
         msg: Some(dispatcher_message::Msg::Welcome(pb::Welcome {
-            agent_id: agent_id.clone(),
+            agent_id: agent_id.to_owned(),
             connection_epoch: epoch,
             heartbeat_interval_ms: u32::try_from(shared.config.heartbeat_interval_ms)
                 .unwrap_or(u32::MAX),
@@ -131,23 +236,24 @@ pub async fn accept(
         epoch,
         owner,
         sessions = inventory.len(),
+        inventory_unknown = hello.inventory_unknown,
         "agent connected"
     );
 
     let conn = Connection {
-        shared,
-        agent_id,
-        owner,
+        shared: shared.clone(),
+        agent_id: agent_id.to_owned(),
+        owner: owner.to_owned(),
         epoch,
         wake,
-        in_flight: Arc::new(Mutex::new(HashSet::new())),
+        in_flight: Mutex::new(HashMap::new()),
     };
-    tokio::spawn(conn.run(inbound, tx, close_rx));
+    tokio::spawn(Arc::new(conn).run(inbound, tx, close_rx));
     Ok(ReceiverStream::new(rx))
 }
 
-fn internal(e: streamspace_core::Error) -> Status {
-    tracing::error!(error = %e, "agent handshake failed");
+fn internal(agent_id: &str, e: streamspace_core::Error) -> Status {
+    tracing::error!(agent_id, error = %e, "agent handshake failed");
     Status::unavailable("the dispatcher cannot reach its database; retry")
 }
 
@@ -159,6 +265,10 @@ enum Ended {
     Silent(Duration),
     Superseded,
     Shutdown,
+    /// This replica cannot reach its database (see [`crate::health`]).
+    DatabaseLost,
+    /// This connection's own heartbeat writes kept failing.
+    HeartbeatsFailing(u32),
 }
 
 struct Connection {
@@ -168,23 +278,28 @@ struct Connection {
     owner: String,
     epoch: i64,
     wake: Arc<Notify>,
-    /// Commands pushed on this connection whose result has not arrived.
-    in_flight: Arc<Mutex<HashSet<String>>>,
+    /// Leases pushed on this connection whose result has not been written: command id →
+    /// lease token.
+    in_flight: Mutex<HashMap<String, i64>>,
 }
 
 impl Connection {
     async fn run(
-        self,
+        self: Arc<Self>,
         inbound: Streaming<pb::AgentMessage>,
         tx: Outbound,
         close_rx: watch::Receiver<bool>,
     ) {
-        let this = Arc::new(self);
-        let delivery = tokio::spawn(this.clone().deliver(tx.clone()));
-        let ended = this.read(inbound, close_rx).await;
+        let delivery = tokio::spawn(self.clone().deliver(tx.clone()));
+        let ended = self.read(inbound, close_rx).await;
         delivery.abort();
         let _ = delivery.await;
-        this.clean_up(&ended).await;
+        if tokio::time::timeout(CLEAN_UP_TIMEOUT, self.clean_up(&ended))
+            .await
+            .is_err()
+        {
+            tracing::error!(agent_id = %self.agent_id, epoch = self.epoch, "clean-up timed out; leases will be rescued on expiry");
+        }
         // Tell the agent why, so it can tell "go elsewhere" from "someone else is you".
         let status = match &ended {
             Ended::Superseded => Some(Status::aborted(
@@ -194,6 +309,12 @@ impl Connection {
                 "no message from the agent for {d:?}"
             ))),
             Ended::Shutdown => Some(Status::unavailable("dispatcher shutting down; reconnect")),
+            Ended::DatabaseLost => Some(Status::unavailable(
+                "dispatcher lost its database; reconnect (to another replica)",
+            )),
+            Ended::HeartbeatsFailing(n) => Some(Status::unavailable(format!(
+                "dispatcher could not record {n} heartbeats in a row; reconnect"
+            ))),
             Ended::AgentClosed | Ended::StreamError(_) => None,
         };
         if let Some(status) = status {
@@ -213,7 +334,7 @@ impl Connection {
                 return;
             }
             let free = max.saturating_sub(self.in_flight_len());
-            if free > 0 {
+            if free > 0 && *self.shared.db_ok.borrow() {
                 let params = ClaimParams {
                     agent_id: &self.agent_id,
                     owner: &self.owner,
@@ -223,7 +344,9 @@ impl Connection {
                 match self.shared.queue.command_claim(params).await {
                     Ok(batch) => {
                         for cmd in &batch.commands {
-                            self.lock_in_flight().insert(cmd.command_id.to_string());
+                            let token = cmd.lease.as_ref().map_or(0, |l| l.token);
+                            self.lock_in_flight()
+                                .insert(cmd.command_id.to_string(), token);
                             tracing::debug!(agent_id = %self.agent_id, command_id = %cmd.command_id, attempt = cmd.attempts, "delivering");
                             let msg = pb::DispatcherMessage {
                                 msg: Some(dispatcher_message::Msg::Command(
@@ -240,6 +363,9 @@ impl Connection {
                             continue;
                         }
                     }
+                    // A claim that committed but whose reply was lost leaves leases this
+                    // connection never learns of; they are not renewed, so they expire
+                    // and are rescued.
                     Err(e) => {
                         tracing::error!(agent_id = %self.agent_id, error = %e, "claim failed")
                     }
@@ -254,8 +380,9 @@ impl Connection {
     }
 
     /// Reads the agent's messages until the stream ends, the agent falls silent, the
-    /// connection is superseded, or the dispatcher shuts down. Reports that arrive together
-    /// are applied together.
+    /// connection is superseded, its replica loses the database, or the dispatcher shuts
+    /// down. Reports that arrive together are applied together, in stream order; reports
+    /// whose write failed are written again after a backoff.
     async fn read(
         &self,
         mut inbound: Streaming<pb::AgentMessage>,
@@ -263,158 +390,162 @@ impl Connection {
     ) -> Ended {
         let silence = self.shared.config.offline_after();
         let mut shutdown = self.shared.shutdown.clone();
+        let mut db_ok = self.shared.db_ok.clone();
+        let mut backlog: VecDeque<Report> = VecDeque::new();
+        let mut retry_delay = RETRY_BASE;
+        let mut retry_at: Option<Instant> = None;
+        let mut heard = Instant::now();
+        let mut failed_heartbeats = 0u32;
         loop {
             let first = tokio::select! {
-                r = tokio::time::timeout(silence, inbound.message()) => r,
+                r = inbound.message() => Some(r),
+                () = tokio::time::sleep_until(heard + silence) => return Ended::Silent(silence),
+                () = sleep_until_some(retry_at) => None,
                 _ = close_rx.wait_for(|c| *c) => return Ended::Superseded,
                 _ = shutdown.wait_for(|s| *s) => return Ended::Shutdown,
+                _ = db_ok.wait_for(|ok| !*ok) => return Ended::DatabaseLost,
             };
-            let first = match first {
-                Err(_) => return Ended::Silent(silence),
-                Ok(Ok(Some(m))) => m,
-                Ok(Ok(None)) => return Ended::AgentClosed,
-                Ok(Err(status)) => return Ended::StreamError(status),
-            };
-            let mut batch = vec![first];
-            while batch.len() < MAX_REPORT_BATCH {
-                match inbound.message().now_or_never() {
-                    Some(Ok(Some(m))) => batch.push(m),
-                    _ => break,
+            let mut heartbeat = false;
+            if let Some(first) = first {
+                let first = match first {
+                    Ok(Some(m)) => m,
+                    Ok(None) => return Ended::AgentClosed,
+                    Err(status) => return Ended::StreamError(status),
+                };
+                heard = Instant::now();
+                heartbeat |= self.admit(first, &mut backlog);
+                for _ in 1..MAX_REPORT_BATCH {
+                    match inbound.message().now_or_never() {
+                        Some(Ok(Some(m))) => heartbeat |= self.admit(m, &mut backlog),
+                        _ => break,
+                    }
                 }
             }
-            if let Err(ended) = self.apply(batch).await {
-                return ended;
+            let step = async {
+                let beat = if heartbeat {
+                    self.heartbeat().await
+                } else {
+                    Ok(true)
+                };
+                (beat, self.apply(&mut backlog).await)
+            };
+            let (beat, applied) = tokio::select! {
+                r = step => r,
+                _ = close_rx.wait_for(|c| *c) => return Ended::Superseded,
+                _ = shutdown.wait_for(|s| *s) => return Ended::Shutdown,
+                _ = db_ok.wait_for(|ok| !*ok) => return Ended::DatabaseLost,
+            };
+            match beat {
+                Ok(true) => failed_heartbeats = 0,
+                Ok(false) => return Ended::Superseded,
+                Err(e) => {
+                    failed_heartbeats += 1;
+                    self.shared
+                        .stats
+                        .heartbeat_write_errors
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(agent_id = %self.agent_id, error = %e, failed_heartbeats, "recording a heartbeat failed");
+                    if failed_heartbeats >= self.shared.config.db_failures_before_unready {
+                        return Ended::HeartbeatsFailing(failed_heartbeats);
+                    }
+                }
+            }
+            match applied {
+                Ok(()) => {
+                    retry_delay = RETRY_BASE;
+                    retry_at = None;
+                }
+                Err(e) => {
+                    self.shared
+                        .stats
+                        .report_write_errors
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(agent_id = %self.agent_id, error = %e, pending = backlog.len(), retry_in_ms = retry_delay.as_millis() as u64,
+                        "writing the agent's reports failed; kept in order and retried");
+                    retry_at = Some(Instant::now() + retry_delay);
+                    retry_delay = (retry_delay * 2).min(RETRY_CAP);
+                }
             }
         }
     }
 
-    async fn apply(&self, batch: Vec<pb::AgentMessage>) -> Result<(), Ended> {
-        let mut acks = Vec::new();
-        let mut completions = Vec::new();
-        let mut failures = Vec::new();
-        let mut observations = Vec::new();
-        let mut heartbeat = false;
-        for m in batch {
-            match m.msg {
-                Some(Msg::Ack(a)) => {
-                    if let Some(lease) = self.lease(&a.command_id, a.lease_token) {
-                        acks.push(lease);
-                    }
+    /// Turns one message into reports at the end of `backlog`. Acks and results count only
+    /// for a lease this connection holds (pushed, no result written yet); anything else
+    /// is not this connection's to touch. Returns whether the message was a heartbeat.
+    fn admit(&self, m: pb::AgentMessage, backlog: &mut VecDeque<Report>) -> bool {
+        match m.msg {
+            Some(Msg::Ack(a)) => {
+                if let Some(lease) = self.held(&a.command_id, a.lease_token) {
+                    backlog.push_back(Report::Ack(lease));
                 }
-                Some(Msg::Result(r)) => {
-                    let Some(lease) = self.lease(&r.command_id, r.lease_token) else {
-                        continue;
-                    };
-                    match r.outcome {
-                        Some(pb::command_result::Outcome::Completed(c)) => {
-                            if let Some(o) = c.session.as_ref().and_then(convert::observation) {
-                                observations.push(o);
-                            }
-                            completions.push(Completion {
-                                lease,
-                                result: convert::completion_details(&c),
-                            });
-                        }
-                        Some(pb::command_result::Outcome::Failed(f)) => {
-                            failures.push(Failure {
-                                lease,
-                                message: f.message,
-                                retryable: f.retryable,
-                            });
-                        }
-                        None => {
-                            tracing::warn!(agent_id = %self.agent_id, command_id = %r.command_id, "result without an outcome ignored");
+            }
+            Some(Msg::Result(r)) => {
+                let Some(lease) = self.held(&r.command_id, r.lease_token) else {
+                    return false;
+                };
+                match r.outcome {
+                    Some(pb::command_result::Outcome::Completed(c)) => {
+                        let observed = c.session.as_ref().and_then(convert::observation);
+                        backlog.push_back(Report::Completed(Completion {
+                            lease,
+                            result: convert::completion_details(&c),
+                        }));
+                        if let Some(o) = observed {
+                            backlog.push_back(Report::Observations(vec![o]));
                         }
                     }
-                }
-                Some(Msg::Heartbeat(h)) => {
-                    heartbeat = true;
-                    observations.extend(h.sessions.iter().filter_map(convert::observation));
-                }
-                Some(Msg::SessionStatus(s)) => {
-                    observations.extend(s.session.as_ref().and_then(convert::observation));
-                }
-                Some(Msg::Hello(_)) => {
-                    tracing::warn!(agent_id = %self.agent_id, "repeated Hello ignored");
-                }
-                None => {}
-            }
-        }
-        let queue = &self.shared.queue;
-        let pool = queue.pool();
-        let log_err = |what: &str, e: streamspace_core::Error| {
-            tracing::error!(agent_id = %self.agent_id, error = %e, "applying {what} failed");
-        };
-        if heartbeat {
-            match agents::agent_heartbeat(pool, &self.agent_id, self.epoch).await {
-                Ok(true) => {
-                    if let Err(e) = queue.command_lease_extend(&self.owner).await {
-                        log_err("lease renewal", e);
+                    Some(pb::command_result::Outcome::Failed(f)) => {
+                        backlog.push_back(Report::Failed(Failure {
+                            lease,
+                            message: f.message,
+                            retryable: f.retryable,
+                        }));
+                    }
+                    None => {
+                        tracing::warn!(agent_id = %self.agent_id, command_id = %r.command_id, "result without an outcome ignored");
                     }
                 }
-                Ok(false) => return Err(Ended::Superseded),
-                Err(e) => log_err("heartbeat", e),
             }
-        }
-        if !acks.is_empty() {
-            match queue.command_ack(&acks).await {
-                Ok(out) => self.log_rejections("ack", out),
-                Err(e) => log_err("acks", e),
-            }
-        }
-        let finished: Vec<String> = completions
-            .iter()
-            .map(|c| c.lease.command_id.to_string())
-            .chain(failures.iter().map(|f| f.lease.command_id.to_string()))
-            .collect();
-        if !completions.is_empty() {
-            match queue.command_complete(&completions).await {
-                Ok(out) => self.log_rejections("completion", out),
-                Err(e) => log_err("completions", e),
-            }
-        }
-        if !failures.is_empty() {
-            match queue.command_fail(&failures).await {
-                Ok(out) => {
-                    for (id, outcome) in out {
-                        match outcome {
-                            FailureOutcome::Retrying { next_attempt_at } => {
-                                tracing::info!(agent_id = %self.agent_id, command_id = %id, %next_attempt_at, "command failed; will retry")
-                            }
-                            FailureOutcome::Failed => {
-                                tracing::warn!(agent_id = %self.agent_id, command_id = %id, "command failed")
-                            }
-                            FailureOutcome::Duplicate => {}
-                            FailureOutcome::Rejected(r) => {
-                                tracing::info!(agent_id = %self.agent_id, command_id = %id, current = ?r.current, "failure report under a stale lease ignored")
-                            }
-                        }
+            Some(Msg::Heartbeat(h)) => {
+                if !h.inventory_unknown {
+                    let observed: Vec<Observation> =
+                        h.sessions.iter().filter_map(convert::observation).collect();
+                    if !observed.is_empty() {
+                        backlog.push_back(Report::Observations(observed));
                     }
                 }
-                Err(e) => log_err("failures", e),
+                return true;
             }
-        }
-        if !observations.is_empty()
-            && let Err(e) = sessions::session_observe(pool, &self.agent_id, &observations).await
-        {
-            log_err("session observations", e);
-        }
-        if !finished.is_empty() {
-            let mut in_flight = self.lock_in_flight();
-            for id in &finished {
-                in_flight.remove(id);
+            Some(Msg::SessionStatus(s)) => {
+                if let Some(o) = s.session.as_ref().and_then(convert::observation) {
+                    backlog.push_back(Report::Observations(vec![o]));
+                }
             }
-            drop(in_flight);
-            // The window has room again, and the next command of each session may now be
-            // deliverable.
-            self.wake.notify_one();
+            Some(Msg::Hello(_)) => {
+                tracing::warn!(agent_id = %self.agent_id, "repeated Hello ignored");
+            }
+            None => {}
         }
-        Ok(())
+        false
     }
 
-    fn lease(&self, command_id: &str, token: i64) -> Option<Lease> {
+    /// The lease of a report, if this connection holds it under that token.
+    fn held(&self, command_id: &str, token: i64) -> Option<Lease> {
+        if self.lock_in_flight().get(command_id) != Some(&token) {
+            self.shared
+                .stats
+                .reports_for_unheld_leases
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::info!(agent_id = %self.agent_id, command_id, token, "report for a lease this connection does not hold ignored");
+            return None;
+        }
         match command_id.parse::<CommandId>() {
-            Ok(command_id) => Some(Lease { command_id, token }),
+            Ok(command_id) => Some(Lease {
+                command_id,
+                token,
+                agent_id: self.agent_id.clone(),
+                owner: self.owner.clone(),
+            }),
             Err(e) => {
                 tracing::warn!(agent_id = %self.agent_id, error = %e, "report with an invalid command id ignored");
                 None
@@ -422,12 +553,51 @@ impl Connection {
         }
     }
 
-    fn log_rejections(&self, what: &str, outcomes: Vec<(CommandId, Outcome)>) {
-        for (id, outcome) in outcomes {
-            if let Outcome::Rejected(r) = outcome {
-                tracing::info!(agent_id = %self.agent_id, command_id = %id, current = ?r.current, "{what} under a stale lease ignored");
-            }
+    /// Records liveness (fenced by epoch) and renews exactly the leases in flight.
+    /// `Ok(false)`: this connection has been superseded.
+    async fn heartbeat(&self) -> Result<bool, streamspace_core::Error> {
+        let pool = self.shared.queue.pool();
+        if !agents::agent_heartbeat(pool, &self.agent_id, self.epoch).await? {
+            return Ok(false);
         }
+        let held: Vec<(String, i64)> = self
+            .lock_in_flight()
+            .iter()
+            .map(|(id, token)| (id.clone(), *token))
+            .collect();
+        self.shared
+            .queue
+            .command_lease_extend(&self.owner, &held)
+            .await?;
+        Ok(true)
+    }
+
+    /// Writes the backlog; commands whose result was written leave the in-flight window
+    /// (only under the token they were pushed with).
+    async fn apply(&self, backlog: &mut VecDeque<Report>) -> Result<(), streamspace_core::Error> {
+        if backlog.is_empty() {
+            return Ok(());
+        }
+        let reporter = Reporter {
+            agent_id: &self.agent_id,
+            epoch: self.epoch,
+            owner: &self.owner,
+        };
+        let mut finished = Vec::new();
+        let result = reports::apply(&self.shared.queue, reporter, backlog, &mut finished).await;
+        if !finished.is_empty() {
+            let mut in_flight = self.lock_in_flight();
+            for (id, token) in &finished {
+                if in_flight.get(id) == Some(token) {
+                    in_flight.remove(id);
+                }
+            }
+            drop(in_flight);
+            // The window has room again, and the next command of each session may now be
+            // deliverable.
+            self.wake.notify_one();
+        }
+        result
     }
 
     async fn clean_up(&self, ended: &Ended) {
@@ -441,22 +611,26 @@ impl Connection {
             Ended::StreamError(s) => {
                 tracing::info!(agent_id, epoch = self.epoch, status = %s, "agent stream failed")
             }
+            Ended::DatabaseLost | Ended::HeartbeatsFailing(_) => {
+                tracing::warn!(agent_id, epoch = self.epoch, reason = ?ended, "closing the agent's stream: no database")
+            }
             other => {
                 tracing::info!(agent_id, epoch = self.epoch, reason = ?other, "agent connection ended")
             }
         }
         self.shared.registry.unregister(agent_id, self.epoch);
         let pool = self.shared.queue.pool();
+        // Disconnect first: once it is recorded, no claim of this connection can commit
+        // (claims are fenced by the owner), so the release below sees every lease it took.
         if let Err(e) = agents::agent_disconnect(pool, agent_id, self.epoch).await {
             tracing::error!(agent_id, error = %e, "recording the disconnect failed");
         }
         match self.shared.queue.command_release_owner(&self.owner).await {
-            Ok(r) if !r.requeued.is_empty() || !r.failed.is_empty() => {
+            Ok(r) if !r.requeued.is_empty() => {
                 tracing::info!(
                     agent_id,
                     requeued = r.requeued.len(),
-                    failed = r.failed.len(),
-                    "released the connection's leases"
+                    "released the connection's undelivered leases"
                 )
             }
             Ok(_) => {}
@@ -471,8 +645,16 @@ impl Connection {
         self.lock_in_flight().len()
     }
 
-    fn lock_in_flight(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
-        // Single inserts/removes only: a poisoned set is still consistent.
+    fn lock_in_flight(&self) -> std::sync::MutexGuard<'_, HashMap<String, i64>> {
+        // Single inserts/removes only: a poisoned map is still consistent.
         self.in_flight.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Sleeps until `at`, or forever when there is nothing to wait for.
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }

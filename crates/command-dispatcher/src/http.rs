@@ -1,12 +1,14 @@
 //! The dispatcher's small HTTP side: `/metrics` (Prometheus text: the queue counters of
-//! this process plus its live agent connections) and `/healthz` (alive). Agents never use
-//! it; probes and scrapers do.
+//! this process plus this replica's connections and fault counters), `/healthz` (alive)
+//! and `/readyz` (can reach its database; 503 otherwise). Agents never use it; probes and
+//! scrapers do.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::header;
+use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 
@@ -15,8 +17,19 @@ use crate::Shared;
 pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
         .with_state(shared)
+}
+
+async fn ready(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
+    if *shared.shutdown.borrow() {
+        (StatusCode::SERVICE_UNAVAILABLE, "shutting down")
+    } else if *shared.db_ok.borrow() {
+        (StatusCode::OK, "ready")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "database unreachable")
+    }
 }
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
@@ -29,5 +42,51 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
         "streamspace_dispatcher_agent_connections {}\n",
         shared.registry.len()
     ));
+    let stats = &shared.stats;
+    let gauges = [
+        (
+            "streamspace_dispatcher_handshakes_in_progress",
+            "agent connections authenticated and not yet welcomed",
+            stats.handshakes_in_progress.load(Ordering::Relaxed).max(0) as u64,
+        ),
+        (
+            "streamspace_dispatcher_database_ready",
+            "1 while this replica can reach its database",
+            u64::from(*shared.db_ok.borrow()),
+        ),
+    ];
+    for (name, help, value) in gauges {
+        text.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}\n"
+        ));
+    }
+    let counters = [
+        (
+            "streamspace_dispatcher_report_write_errors_total",
+            "agent report writes that failed and are retried",
+            &stats.report_write_errors,
+        ),
+        (
+            "streamspace_dispatcher_reports_for_unheld_leases_total",
+            "acks and results for a lease the connection does not hold, ignored",
+            &stats.reports_for_unheld_leases,
+        ),
+        (
+            "streamspace_dispatcher_heartbeat_write_errors_total",
+            "agent heartbeat writes (liveness, lease renewal) that failed",
+            &stats.heartbeat_write_errors,
+        ),
+        (
+            "streamspace_dispatcher_db_probe_failures_total",
+            "database readiness probes that failed or timed out",
+            &stats.db_probe_failures,
+        ),
+    ];
+    for (name, help, value) in counters {
+        text.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}\n",
+            value.load(Ordering::Relaxed)
+        ));
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
 }

@@ -10,13 +10,16 @@ mod auth;
 mod config;
 mod connection;
 mod convert;
+mod health;
 mod http;
 mod maintenance;
 mod registry;
+mod reports;
 mod service;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64};
 
 use anyhow::Context;
 use streamspace_core::CommandQueue;
@@ -40,6 +43,26 @@ pub(crate) struct Shared {
     pub registry: Registry,
     /// Flips to `true` once shutdown begins: connections stop claiming and close.
     pub shutdown: watch::Receiver<bool>,
+    /// `true` while the database answers ([`health::DbHealth`]); connections end when it
+    /// turns `false`, so agents fail over to a replica that can reach the database.
+    pub db_ok: watch::Receiver<bool>,
+    pub stats: ReplicaStats,
+}
+
+/// Counters and gauges of this replica (the queue's own counters are process-wide, in
+/// `streamspace_core::telemetry`), rendered on `/metrics`.
+#[derive(Debug, Default)]
+pub(crate) struct ReplicaStats {
+    /// Connections between authentication and `Welcome`.
+    pub handshakes_in_progress: AtomicI64,
+    /// Agent reports (acks, results, observations) whose write failed and is retried.
+    pub report_write_errors: AtomicU64,
+    /// Acks and results for a lease this connection does not hold, ignored.
+    pub reports_for_unheld_leases: AtomicU64,
+    /// Heartbeat (liveness and lease renewal) writes that failed.
+    pub heartbeat_write_errors: AtomicU64,
+    /// Database probes that failed or timed out.
+    pub db_probe_failures: AtomicU64,
 }
 
 /// A built dispatcher, bound to its address, not yet serving.
@@ -51,6 +74,7 @@ pub struct App {
     http_listener: TcpListener,
     http_addr: SocketAddr,
     shutdown_tx: watch::Sender<bool>,
+    db_ok_tx: watch::Sender<bool>,
 }
 
 impl App {
@@ -74,11 +98,14 @@ impl App {
             .with_context(|| format!("binding {}", config.metrics_listen))?;
         let http_addr = http_listener.local_addr()?;
         let (shutdown_tx, shutdown) = watch::channel(false);
+        let (db_ok_tx, db_ok) = watch::channel(true);
         let shared = Arc::new(Shared {
             config,
             queue,
             registry: Registry::default(),
             shutdown,
+            db_ok,
+            stats: ReplicaStats::default(),
         });
         Ok(Self {
             shared,
@@ -87,6 +114,7 @@ impl App {
             http_listener,
             http_addr,
             shutdown_tx,
+            db_ok_tx,
         })
     }
 
@@ -111,6 +139,7 @@ impl App {
             listener,
             http_listener,
             shutdown_tx,
+            db_ok_tx,
             ..
         } = self;
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -130,6 +159,9 @@ impl App {
 
         let background = [
             tokio::spawn(wake_on_notify(shared.clone())),
+            tokio::spawn(
+                health::DbHealth::new(shared.clone(), db_ok_tx, health_reporter.clone()).run(),
+            ),
             tokio::spawn(LeaseRescuer::new(shared.clone()).run()),
             tokio::spawn(CommandPruner::new(shared.clone()).run()),
             tokio::spawn({

@@ -23,8 +23,19 @@ pub struct Registry {
 
 impl Registry {
     /// Registers `handle` as the agent's current connection, closing any older one.
-    pub fn register(&self, agent_id: &str, handle: ConnectionHandle) {
-        let old = self.lock().insert(agent_id.to_owned(), handle);
+    ///
+    /// Epochs decide, not arrival order: when this replica already holds a *newer*
+    /// connection of the agent (a slow handshake finishing after a redial's), nothing
+    /// changes and `Err(newer_epoch)` tells the caller to end itself.
+    pub fn register(&self, agent_id: &str, handle: ConnectionHandle) -> Result<(), i64> {
+        let mut map = self.lock();
+        if let Some(current) = map.get(agent_id)
+            && current.epoch > handle.epoch
+        {
+            return Err(current.epoch);
+        }
+        let old = map.insert(agent_id.to_owned(), handle);
+        drop(map);
         if let Some(old) = old {
             tracing::info!(
                 agent_id,
@@ -33,6 +44,7 @@ impl Registry {
             );
             let _ = old.close.send(true);
         }
+        Ok(())
     }
 
     /// Removes the agent's entry only if it is still connection `epoch`: an old
@@ -65,5 +77,40 @@ impl Registry {
         // A panic while holding this lock cannot leave the map inconsistent (every
         // operation is a single insert/remove/read), so a poisoned lock is still usable.
         self.connections.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn handle(epoch: i64) -> (ConnectionHandle, watch::Receiver<bool>) {
+        let (close, rx) = watch::channel(false);
+        (
+            ConnectionHandle {
+                epoch,
+                wake: Arc::new(Notify::new()),
+                close,
+            },
+            rx,
+        )
+    }
+
+    #[test]
+    fn an_older_connection_never_replaces_a_newer_one() {
+        let registry = Registry::default();
+        let (new, new_rx) = handle(8);
+        registry.register("a", new).unwrap();
+        let (old, old_rx) = handle(7);
+        assert_eq!(registry.register("a", old), Err(8));
+        assert!(!*new_rx.borrow(), "the newer connection stays open");
+        assert!(!*old_rx.borrow());
+        // The older one's clean-up does not remove the newer entry either.
+        registry.unregister("a", 7);
+        assert_eq!(registry.len(), 1);
+
+        let (newest, _) = handle(9);
+        registry.register("a", newest).unwrap();
+        assert!(*new_rx.borrow(), "superseded connection told to close");
     }
 }

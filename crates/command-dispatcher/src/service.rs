@@ -36,6 +36,11 @@ impl pb::agent_service_server::AgentService for AgentServiceImpl {
                 "dispatcher is shutting down; connect elsewhere",
             ));
         }
+        if !*self.shared.db_ok.borrow() {
+            return Err(Status::unavailable(
+                "dispatcher cannot reach its database; connect elsewhere",
+            ));
+        }
         let identity = auth::authenticate(&self.shared, request.metadata()).await?;
         let inbound = request.into_inner();
         let outbound = connection::accept(self.shared.clone(), identity, inbound).await?;

@@ -32,6 +32,16 @@ pub async fn connect(config: &DatabaseConfig) -> Result<PgPool> {
     Ok(pool)
 }
 
+/// Whether the database answers and takes writes (a primary, not a standby in recovery).
+/// Services probe it to decide readiness.
+pub async fn probe_writable(exec: impl sqlx::PgExecutor<'_>) -> Result<bool> {
+    Ok(
+        sqlx::query_scalar!(r#"SELECT NOT pg_is_in_recovery() AS "writable!""#)
+            .fetch_one(exec)
+            .await?,
+    )
+}
+
 /// What to do when the database schema is behind this build.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SchemaPolicy {

@@ -39,6 +39,12 @@ pub enum Error {
     #[error("command {0} not found")]
     CommandNotFound(CommandId),
 
+    /// The agent connection this step belongs to is no longer the agent's current one (a
+    /// newer connection took over, or it was closed). Nothing was changed; the step's
+    /// connection must end itself.
+    #[error("connection {epoch} of agent {agent_id} was superseded by a newer connection")]
+    Superseded { agent_id: String, epoch: i64 },
+
     /// The command cannot make the requested move from where it stands.
     #[error("command {command_id} is {current}; cannot {attempted}")]
     InvalidTransition {

@@ -7,6 +7,7 @@
 //! delivers at least once, and the agent's own memory of finished commands is bounded, so
 //! a runtime is the last line of defence against doubled effects.
 
+pub mod faulty;
 pub mod journal;
 pub mod kubernetes;
 pub mod process;

@@ -3,10 +3,12 @@
 //! Here: `ProcessRuntime` itself — create-or-get, stop reaching the whole group,
 //! hibernate/wake as SIGSTOP/SIGCONT, adoption after an agent restart, sessions dying on
 //! their own, and starts that never become ready. `agent_link` runs the whole agent
-//! against a scripted dispatcher over real gRPC.
+//! against a scripted dispatcher over real gRPC; `faults` runs it against the real
+//! dispatcher and PostgreSQL with runtime faults injected.
 
 mod agent_link;
 mod fake_dispatcher;
+mod faults;
 mod helpers;
 
 use helpers::*;

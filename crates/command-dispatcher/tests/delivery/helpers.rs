@@ -11,6 +11,7 @@ use streamspace_core::agents::{self, NewAgent};
 use streamspace_core::config::Secret;
 use streamspace_core::db::{self, SchemaPolicy};
 use streamspace_core::queue::{NewCommand, QueueConfig};
+use streamspace_faultnet::FaultProxy;
 use streamspace_proto::agent::v1::{self as pb, agent_message::Msg, dispatcher_message};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -58,14 +59,20 @@ impl TestDispatcher {
     }
 
     pub async fn start_with(config: DispatcherConfig) -> Self {
+        let direct = config.database.url.expose().clone();
+        Self::start_on(config, &direct).await
+    }
+
+    /// A dispatcher whose database URL is `config`'s (e.g. through a fault proxy), while
+    /// the test's own pool uses `direct_url`, so the test can watch the database while the
+    /// dispatcher's connections are broken.
+    pub async fn start_on(config: DispatcherConfig, direct_url: &str) -> Self {
         let app = App::build(config.clone(), SchemaPolicy::Require)
             .await
             .expect("dispatcher builds");
         let addr = app.grpc_addr();
         let http_addr = app.http_addr();
-        let pool = sqlx::PgPool::connect(config.database.url.expose())
-            .await
-            .unwrap();
+        let pool = sqlx::PgPool::connect(direct_url).await.unwrap();
         let queue = CommandQueue::new(pool.clone(), config.queue.clone()).unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(app.run_until_stopped(async move {
@@ -84,6 +91,28 @@ impl TestDispatcher {
 
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// The value of one sample on `/metrics` (0 when absent).
+    pub async fn metric(&self, name: &str) -> f64 {
+        let text = reqwest::get(format!("http://{}/metrics", self.http_addr))
+            .await
+            .expect("metrics reachable")
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    /// The status code of `GET /readyz`.
+    pub async fn readiness(&self) -> u16 {
+        reqwest::get(format!("http://{}/readyz", self.http_addr))
+            .await
+            .expect("readyz reachable")
+            .status()
+            .as_u16()
     }
 
     /// Graceful shutdown; waits until the server has stopped.
@@ -191,6 +220,7 @@ pub fn hello(sessions: Vec<pb::SessionObservation>) -> pb::AgentMessage {
             capabilities: vec![],
             sessions,
             runtime: "raw".into(),
+            ..Default::default()
         })),
     }
 }
@@ -289,11 +319,7 @@ impl RawAgent {
     }
 
     pub async fn heartbeat(&self) {
-        self.send(Msg::Heartbeat(pb::Heartbeat {
-            sessions: vec![],
-            commands_in_progress: 0,
-        }))
-        .await;
+        self.send(Msg::Heartbeat(pb::Heartbeat::default())).await;
     }
 
     /// The status the stream ends with (`Ok` for a clean end), failing after `limit`.
@@ -322,4 +348,58 @@ impl RawAgent {
             }
         }
     }
+}
+
+/// A fresh database, and a fault proxy in front of its server.
+pub async fn database_behind_proxy() -> (String, FaultProxy) {
+    let url = streamspace_devpg::testdb::fresh_database_url(&db::MIGRATOR).await;
+    let options: sqlx::postgres::PgConnectOptions = url.parse().unwrap();
+    let target: SocketAddr = format!("{}:{}", options.get_host(), options.get_port())
+        .parse()
+        .expect("the test database listens on an IP address");
+    let proxy = FaultProxy::start(target).await.unwrap();
+    (url, proxy)
+}
+
+/// A dispatcher whose database connections go through `proxy`; `tweak` adjusts the fast
+/// test configuration.
+pub async fn dispatcher_behind(
+    url: &str,
+    proxy: &FaultProxy,
+    tweak: impl FnOnce(&mut DispatcherConfig),
+) -> TestDispatcher {
+    let mut config = fast_config(&proxy.rewrite_url(url));
+    config.database.acquire_timeout_secs = 1;
+    config.maintenance.rescue_interval_ms = 100;
+    tweak(&mut config);
+    TestDispatcher::start_on(config, url).await
+}
+
+/// Sends a heartbeat every `every` until the returned task is aborted or the stream goes:
+/// what a live agent does, so the dispatcher keeps the connection (and its leases) alive.
+pub fn keep_beating(tx: &mpsc::Sender<pb::AgentMessage>, every: Duration) -> JoinHandle<()> {
+    let tx = tx.clone();
+    tokio::spawn(async move {
+        loop {
+            let beat = pb::AgentMessage {
+                msg: Some(Msg::Heartbeat(pb::Heartbeat::default())),
+            };
+            if tx.send(beat).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(every).await;
+        }
+    })
+}
+
+/// The agent's `last_heartbeat_at`, as microseconds (for "a newer heartbeat was recorded").
+pub async fn last_heartbeat(pool: &PgPool, agent_id: &str) -> i64 {
+    let (at,): (Option<i64>,) = sqlx::query_as(
+        "SELECT (extract(epoch FROM last_heartbeat_at) * 1000000)::int8 FROM agents WHERE agent_id = $1",
+    )
+    .bind(agent_id)
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    at.unwrap_or(0)
 }

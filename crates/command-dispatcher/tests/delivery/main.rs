@@ -3,5 +3,6 @@
 //! library or, for protocol edge cases, a raw client speaking the protocol.
 
 mod binary;
+mod faults;
 mod helpers;
 mod protocol;

@@ -165,6 +165,11 @@ async fn a_new_connection_fences_the_old_one_and_the_agent_stays_online() {
     d.enqueue(std::slice::from_ref(&cmd)).await;
 
     let mut old = RawAgent::connect(&d.url(), &token).await;
+    let (old_owner,): (String,) =
+        sqlx::query_as("SELECT connected_owner FROM agents WHERE agent_id = 'agent-a'")
+            .fetch_one(&d.pool)
+            .await
+            .unwrap();
     let held = old.next_command(LIMIT).await;
     old.ack(&held).await;
 
@@ -200,6 +205,8 @@ async fn a_new_connection_fences_the_old_one_and_the_agent_stays_online() {
             lease: streamspace_core::command::Lease {
                 command_id: held.command_id.parse().unwrap(),
                 token: held.lease_token,
+                agent_id: "agent-a".into(),
+                owner: old_owner.clone(),
             },
             result: None,
         })
@@ -219,14 +226,28 @@ async fn a_new_connection_fences_the_old_one_and_the_agent_stays_online() {
 
 #[tokio::test]
 async fn a_silent_agent_goes_offline_its_work_returns_and_it_comes_back() {
-    let d = TestDispatcher::start().await;
+    let url = streamspace_devpg::testdb::fresh_database_url(&streamspace_core::db::MIGRATOR).await;
+    let mut config = crate::helpers::fast_config(&url);
+    // Long enough that no lease expires during the test: what returns, returns by design.
+    config.queue.lease = Duration::from_secs(60);
+    let d = TestDispatcher::start_with(config).await;
     let token = d.agent("agent-a").await;
     let first = stop("agent-a", "s-1");
-    d.enqueue(std::slice::from_ref(&first)).await;
+    let second = stop("agent-a", "s-2");
+    d.enqueue(&[first.clone(), second.clone()]).await;
 
     let mut agent = RawAgent::connect(&d.url(), &token).await;
-    let held = agent.next_command(LIMIT).await;
+    let mut pushed = [
+        agent.next_command(LIMIT).await,
+        agent.next_command(LIMIT).await,
+    ];
+    pushed.sort_by_key(|c| c.command_id != first.command_id.to_string());
+    let (held, unacked) = (pushed[0].clone(), pushed[1].clone());
     agent.ack(&held).await;
+    eventually("ack applied", LIMIT, || async {
+        (d.statuses(std::slice::from_ref(&held.command_id)).await[0] == "ack").then_some(())
+    })
+    .await;
     assert!(d.agent_online("agent-a").await);
     // Say nothing from here on: a black-holed agent.
     assert!(
@@ -238,12 +259,13 @@ async fn a_silent_agent_goes_offline_its_work_returns_and_it_comes_back() {
     })
     .await;
     assert_eq!(
-        d.statuses(std::slice::from_ref(&held.command_id)).await,
-        vec!["pending"],
-        "its lease was returned"
+        d.statuses(&[held.command_id.clone(), unacked.command_id.clone()])
+            .await,
+        vec!["ack", "pending"],
+        "the unacknowledged lease returned at once; the acknowledged one waits for the agent, which may still be running it"
     );
 
-    let queued_meanwhile = stop("agent-a", "s-2");
+    let queued_meanwhile = stop("agent-a", "s-3");
     d.enqueue(std::slice::from_ref(&queued_meanwhile)).await;
     let mut back = RawAgent::connect(&d.url(), &token).await;
     back.heartbeat().await;
@@ -254,10 +276,12 @@ async fn a_silent_agent_goes_offline_its_work_returns_and_it_comes_back() {
     let mut got = vec![
         back.next_command(LIMIT).await.command_id,
         back.next_command(LIMIT).await.command_id,
+        back.next_command(LIMIT).await.command_id,
     ];
     got.sort();
     let mut want = vec![
         held.command_id.clone(),
+        unacked.command_id.clone(),
         queued_meanwhile.command_id.to_string(),
     ];
     want.sort();
@@ -293,17 +317,37 @@ async fn graceful_shutdown_releases_leases_and_closes_streams() {
     })
     .await;
 
+    let unacked = stop("agent-a", "s-2");
+    d.enqueue(std::slice::from_ref(&unacked)).await;
+    assert_eq!(
+        agent.next_command(LIMIT).await.command_id,
+        unacked.command_id.to_string()
+    );
+
     d.shutdown().await;
     assert!(
         agent.closed_within(LIMIT).await,
         "stream closed so the agent reconnects elsewhere"
     );
     assert_eq!(
-        d.statuses(std::slice::from_ref(&held.command_id)).await,
-        vec!["pending"],
-        "lease released at once"
+        d.statuses(&[held.command_id.clone(), unacked.command_id.to_string()])
+            .await,
+        vec!["ack", "pending"],
+        "the unacknowledged lease released at once; the acknowledged one kept for the agent"
     );
     assert!(!d.agent_online("agent-a").await);
+
+    // The agent reconnects to another replica, which takes both back at once.
+    let other = TestDispatcher::start_with(d.config.clone()).await;
+    let mut back = RawAgent::connect(&other.url(), &token).await;
+    let mut got = vec![
+        back.next_command(LIMIT).await.command_id,
+        back.next_command(LIMIT).await.command_id,
+    ];
+    got.sort();
+    let mut want = vec![held.command_id.clone(), unacked.command_id.to_string()];
+    want.sort();
+    assert_eq!(got, want);
 }
 
 #[tokio::test]

@@ -229,11 +229,17 @@ pub struct Command {
 
 /// Proof that one holder may move a sent command forward. Tokens come from one database
 /// sequence, so a token is never reused: after a release or rescue, the old token matches
-/// nothing.
+/// nothing. A transition must also name the command's agent and the lease's owner (the
+/// connection that claimed it), so a report can only ever touch a row that the reporting
+/// connection holds — not another agent's row whose token it guessed.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Lease {
     pub command_id: CommandId,
     pub token: i64,
+    /// The agent the command is for.
+    pub agent_id: String,
+    /// The connection that holds the lease (`ClaimParams::owner`).
+    pub owner: String,
 }
 
 #[cfg(test)]

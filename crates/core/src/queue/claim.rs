@@ -16,8 +16,8 @@ pub struct ClaimParams<'a> {
     pub owner: &'a str,
     /// At most this many commands (the free part of the agent's in-flight window).
     pub limit: i64,
-    /// When set, claim only while this is still the agent's current connection epoch, so
-    /// a superseded connection can never take new work.
+    /// When set, claim only while this is still the agent's current connection (this
+    /// epoch, held by `owner`), so a superseded or closed connection can never take work.
     pub epoch: Option<i64>,
 }
 
@@ -50,6 +50,7 @@ struct ClaimedRow {
     expires_at: Option<DateTime<Utc>>,
     trace_context: Option<String>,
     lease_token: i64,
+    lease_owner: String,
 }
 
 impl ClaimedRow {
@@ -62,6 +63,8 @@ impl ClaimedRow {
             lease: Some(Lease {
                 command_id: command_id.clone(),
                 token: self.lease_token,
+                agent_id: self.agent_id.clone(),
+                owner: self.lease_owner,
             }),
             command_id,
             seq: self.seq,
@@ -95,16 +98,25 @@ impl CommandQueue {
         let rows = sqlx::query_as!(
             ClaimedRow,
             r#"
-            WITH candidates AS (
+            WITH fence AS (
+                -- The connection must still be the agent's current one. FOR SHARE makes
+                -- this a real fence, not a snapshot check: a concurrent connect or
+                -- disconnect (an UPDATE of this row) either commits first, and then this
+                -- claim re-reads the row and takes nothing, or waits until this claim
+                -- commits, and then the clean-up that follows it sees (and releases) every
+                -- lease taken here. A claim cancelled mid-flight can therefore never leave
+                -- a lease whose owner is already gone.
+                SELECT 1 FROM agents a
+                WHERE a.agent_id = $1 AND a.connection_epoch = $5 AND a.connected_owner = $3
+                FOR SHARE
+            ), candidates AS (
                 SELECT c.command_id
                 FROM agent_commands c
                 WHERE c.agent_id = $1
                   AND c.status = 'pending'
                   AND c.next_attempt_at <= now()
                   AND (c.expires_at IS NULL OR c.expires_at > now())
-                  AND ($5::int8 IS NULL OR EXISTS (
-                      SELECT 1 FROM agents a
-                      WHERE a.agent_id = $1 AND a.connection_epoch = $5))
+                  AND ($5::int8 IS NULL OR EXISTS (SELECT 1 FROM fence))
                   AND NOT EXISTS (
                       SELECT 1 FROM agent_commands e
                       WHERE e.session_id = c.session_id
@@ -112,7 +124,7 @@ impl CommandQueue {
                         AND e.status IN ('pending', 'sent', 'ack'))
                 ORDER BY c.seq
                 LIMIT $2
-                FOR UPDATE SKIP LOCKED
+                FOR UPDATE OF c SKIP LOCKED
             )
             UPDATE agent_commands c
             SET status = 'sent',
@@ -129,7 +141,7 @@ impl CommandQueue {
             WHERE c.command_id = candidates.command_id
             RETURNING c.command_id, c.seq, c.agent_id, c.session_id, c.action, c.payload,
                       c.attempts, c.max_attempts, c.created_at, c.expires_at, c.trace_context,
-                      c.lease_token AS "lease_token!"
+                      c.lease_token AS "lease_token!", c.lease_owner AS "lease_owner!"
             "#,
             params.agent_id,
             params.limit,
@@ -151,7 +163,16 @@ impl CommandQueue {
         batch.commands.sort_by_key(|c| c.seq);
         add(&METRICS.commands_claimed, batch.commands.len() as u64);
         if !bad.is_empty() {
-            batch.quarantined = self.command_quarantine(bad).await?;
+            // The decoded commands are leased already: a failed quarantine must not drop
+            // them. The undecodable rows stay `sent` under this claim's lease; nobody
+            // renews it (the holder never learns of them), so they expire, are rescued
+            // and are quarantined by a later claim.
+            match self.command_quarantine(bad).await {
+                Ok(q) => batch.quarantined = q,
+                Err(e) => {
+                    tracing::error!(error = %e, "quarantining undecodable commands failed; they are retried after their lease expires")
+                }
+            }
         }
         Ok(batch)
     }

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use sqlx::PgConnection;
 
-use super::{CommandQueue, secs};
+use super::{CommandQueue, NOTIFY_CHANNEL, secs};
 use crate::command::{CommandId, CommandStatus};
 use crate::error::{Error, Result};
 use crate::telemetry::{METRICS, add};
@@ -23,26 +23,95 @@ pub struct Released {
 pub type Rescued = Released;
 
 impl CommandQueue {
-    /// Returns every lease of `owner` to the queue (its connection closed cleanly).
+    /// Returns the leases of `owner` that the agent never acknowledged (its connection
+    /// closed): `pending` again at once, without counting an attempt — they may never have
+    /// reached the agent.
     ///
-    /// A command the agent never acknowledged does not count as an attempt: it may never
-    /// have reached the agent. An acknowledged one does, so a command that crashes its agent
-    /// every time ends `failed` after `max_attempts` instead of looping forever.
+    /// Acknowledged commands are left leased: the agent may still be executing them, and
+    /// only that agent can ever run them. When it reconnects, its handshake hands them back
+    /// ([`command_release_superseded`](Self::command_release_superseded)) — without an
+    /// attempt for the ones it says it still runs, so a flapping connection never fails a
+    /// long start — and if it never comes back they expire and are rescued, counted.
     pub async fn command_release_owner(&self, owner: &str) -> Result<Released> {
         let rows = sqlx::query!(
             r#"
             WITH held AS (
+                SELECT command_id FROM agent_commands
+                WHERE lease_owner = $1 AND status = 'sent'
+                FOR UPDATE
+            )
+            UPDATE agent_commands c
+            SET status = 'pending',
+                attempts = greatest(c.attempts - 1, 0),
+                next_attempt_at = now(),
+                lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL,
+                updated_at = now()
+            FROM held h
+            WHERE c.command_id = h.command_id
+            RETURNING c.command_id, c.status, c.agent_id
+            "#,
+            owner,
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let agents = distinct_agents(rows.iter().map(|r| r.agent_id.as_str()));
+        let released = split_released(rows.into_iter().map(|r| (r.command_id, r.status)));
+        add(&METRICS.leases_released, released.requeued.len() as u64);
+        self.notify_agents(&agents).await;
+        Ok(released)
+    }
+
+    /// The handshake step of connection `epoch` (held by `owner`): returns every lease of
+    /// `agent_id` held by an older connection, wherever it was held.
+    ///
+    /// Fenced: only while `epoch`/`owner` is still the agent's current connection (the
+    /// agent row is locked `FOR SHARE` for the statement, so a newer connect waits for it
+    /// or wins outright); otherwise [`Error::Superseded`] and nothing changes. A command the
+    /// agent never acknowledged, or one the agent says it is still running
+    /// (`in_progress`: it survived a flap), goes back without an attempt counted; any
+    /// other acknowledged one counts the attempt the lost connection took (the agent lost
+    /// it: most likely it crashed running it), and fails when attempts are exhausted.
+    pub async fn command_release_superseded(
+        &self,
+        agent_id: &str,
+        epoch: i64,
+        owner: &str,
+        in_progress: &[String],
+    ) -> Result<Released> {
+        let mut tx = self.pool.begin().await?;
+        let current = sqlx::query_scalar!(
+            r#"
+            SELECT 1 AS "one!" FROM agents
+            WHERE agent_id = $1 AND connection_epoch = $2 AND connected_owner = $3
+            FOR SHARE
+            "#,
+            agent_id,
+            epoch,
+            owner,
+        )
+        .fetch_optional(&mut *tx)
+        .await?;
+        if current.is_none() {
+            return Err(Error::Superseded {
+                agent_id: agent_id.to_owned(),
+                epoch,
+            });
+        }
+        let rows = sqlx::query!(
+            r#"
+            WITH held AS (
                 SELECT command_id,
-                       CASE WHEN status = 'sent' THEN attempts - 1 ELSE attempts END AS attempts
+                       CASE WHEN status = 'sent' OR command_id = ANY($3) THEN attempts - 1
+                            ELSE attempts END AS attempts
                 FROM agent_commands
-                WHERE lease_owner = $1 AND status IN ('sent', 'ack')
+                WHERE agent_id = $1 AND status IN ('sent', 'ack') AND lease_owner <> $2
                 FOR UPDATE
             )
             UPDATE agent_commands c
             SET status = CASE WHEN h.attempts < c.max_attempts THEN 'pending' ELSE 'failed' END,
                 attempts = greatest(h.attempts, 0),
                 error_message = CASE WHEN h.attempts < c.max_attempts THEN c.error_message
-                    ELSE format('gave up after %s attempts: the agent connection closed before a result', h.attempts)
+                    ELSE format('gave up after %s attempts: the agent came back without a result', h.attempts)
                     END,
                 completed_at = CASE WHEN h.attempts < c.max_attempts THEN NULL ELSE now() END,
                 next_attempt_at = now(),
@@ -54,53 +123,40 @@ impl CommandQueue {
             WHERE c.command_id = h.command_id
             RETURNING c.command_id, c.status
             "#,
+            agent_id,
             owner,
+            in_progress,
         )
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *tx)
         .await?;
+        tx.commit().await?;
         let released = split_released(rows.into_iter().map(|r| (r.command_id, r.status)));
         add(&METRICS.leases_released, released.requeued.len() as u64);
         add(&METRICS.commands_failed, released.failed.len() as u64);
         Ok(released)
     }
 
-    /// Returns the leases of `agent_id` held by any owner other than `keep_owner`: a new
-    /// connection of the agent supersedes every older one, wherever it was held.
-    pub async fn command_release_agent_except(
-        &self,
-        agent_id: &str,
-        keep_owner: &str,
-    ) -> Result<Released> {
-        let owners = sqlx::query_scalar!(
-            r#"
-            SELECT DISTINCT lease_owner AS "lease_owner!" FROM agent_commands
-            WHERE agent_id = $1 AND status IN ('sent', 'ack') AND lease_owner <> $2
-            "#,
-            agent_id,
-            keep_owner,
-        )
-        .fetch_all(&self.pool)
-        .await?;
-        let mut all = Released::default();
-        for owner in owners {
-            let r = self.command_release_owner(&owner).await?;
-            all.requeued.extend(r.requeued);
-            all.failed.extend(r.failed);
+    /// Extends the given leases of `owner` — exactly the commands the holding connection
+    /// knows it has outstanding — by the configured lease length. A lease the connection
+    /// does not know of (a claim whose reply was lost, a report it gave up writing) is not
+    /// renewed: it expires and is rescued. Returns how many leases were extended.
+    pub async fn command_lease_extend(&self, owner: &str, leases: &[(String, i64)]) -> Result<u64> {
+        if leases.is_empty() {
+            return Ok(0);
         }
-        Ok(all)
-    }
-
-    /// Extends every lease `owner` holds by the configured lease length; called while the
-    /// connection is alive (on heartbeats). Returns how many leases were extended.
-    pub async fn command_lease_extend(&self, owner: &str) -> Result<u64> {
+        let (ids, tokens): (Vec<String>, Vec<i64>) = leases.iter().cloned().unzip();
         let done = sqlx::query!(
             r#"
-            UPDATE agent_commands
+            UPDATE agent_commands c
             SET lease_expires_at = now() + make_interval(secs => $2)
-            WHERE lease_owner = $1 AND status IN ('sent', 'ack')
+            FROM UNNEST($3::text[], $4::int8[]) AS l(command_id, token)
+            WHERE c.command_id = l.command_id AND c.lease_token = l.token
+              AND c.lease_owner = $1 AND c.status IN ('sent', 'ack')
             "#,
             owner,
             secs(self.config.lease),
+            &ids,
+            &tokens,
         )
         .execute(&self.pool)
         .await?;
@@ -132,12 +188,16 @@ impl CommandQueue {
                 updated_at = now()
             FROM expired
             WHERE c.command_id = expired.command_id
-            RETURNING c.command_id, c.status
+            RETURNING c.command_id, c.status, c.agent_id
             "#,
             limit,
         )
         .fetch_all(&self.pool)
         .await?;
+        // Every replica learns: the agent may be connected to another one, and a failed
+        // row may have unblocked the next command of its session.
+        self.notify_agents(&distinct_agents(rows.iter().map(|r| r.agent_id.as_str())))
+            .await;
         let rescued = split_released(rows.into_iter().map(|r| (r.command_id, r.status)));
         for id in &rescued.requeued {
             tracing::warn!(command_id = %id, "expired lease rescued: command is pending again");
@@ -154,18 +214,23 @@ impl CommandQueue {
         command_id: &CommandId,
         reason: &str,
     ) -> Result<()> {
-        let done = sqlx::query!(
+        let done = sqlx::query_scalar!(
             r#"
             UPDATE agent_commands
             SET status = 'cancelled', error_message = $2, completed_at = now(), updated_at = now()
             WHERE command_id = $1 AND status = 'pending'
+            RETURNING agent_id
             "#,
             command_id.as_str(),
             reason,
         )
-        .execute(&mut *conn)
+        .fetch_optional(&mut *conn)
         .await?;
-        if done.rows_affected() == 1 {
+        if let Some(agent_id) = done {
+            // The next command of the session may be deliverable now; delivered at commit.
+            sqlx::query!("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, agent_id)
+                .execute(&mut *conn)
+                .await?;
             return Ok(());
         }
         let status = sqlx::query_scalar!(
@@ -186,17 +251,20 @@ impl CommandQueue {
 
     /// `pending → failed` for commands past `expires_at`. Returns their ids.
     pub async fn command_expire(&self) -> Result<Vec<String>> {
-        let expired = sqlx::query_scalar!(
+        let rows = sqlx::query!(
             r#"
             UPDATE agent_commands
             SET status = 'failed', completed_at = now(), updated_at = now(),
                 error_message = format('expired at %s before it could be delivered', expires_at)
             WHERE status = 'pending' AND expires_at IS NOT NULL AND expires_at <= now()
-            RETURNING command_id
+            RETURNING command_id, agent_id
             "#,
         )
         .fetch_all(&self.pool)
         .await?;
+        self.notify_agents(&distinct_agents(rows.iter().map(|r| r.agent_id.as_str())))
+            .await;
+        let expired: Vec<String> = rows.into_iter().map(|r| r.command_id).collect();
         for id in &expired {
             tracing::warn!(command_id = %id, "command expired before delivery");
         }
@@ -225,6 +293,31 @@ impl CommandQueue {
         add(&METRICS.commands_pruned, done.rows_affected());
         Ok(done.rows_affected())
     }
+}
+
+impl CommandQueue {
+    /// Wakes whichever replica holds each agent's stream. A hint: a lost notification
+    /// costs one poll interval, so a failure is logged, not returned.
+    async fn notify_agents(&self, agents: &[String]) {
+        if agents.is_empty() {
+            return;
+        }
+        if let Err(e) = sqlx::query!(
+            "SELECT pg_notify($1, a) FROM UNNEST($2::text[]) AS a",
+            NOTIFY_CHANNEL,
+            agents,
+        )
+        .execute(&self.pool)
+        .await
+        {
+            tracing::warn!(error = %e, "notifying replicas failed; they find the work on their next poll");
+        }
+    }
+}
+
+fn distinct_agents<'a>(ids: impl Iterator<Item = &'a str>) -> Vec<String> {
+    let set: std::collections::BTreeSet<&str> = ids.collect();
+    set.into_iter().map(str::to_owned).collect()
 }
 
 fn split_released(rows: impl Iterator<Item = (String, String)>) -> Released {

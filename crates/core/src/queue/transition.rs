@@ -78,19 +78,23 @@ pub enum FailureOutcome {
 impl CommandQueue {
     /// `sent → ack` for each lease. Repeating an ack is harmless.
     pub async fn command_ack(&self, leases: &[Lease]) -> Result<Vec<(CommandId, Outcome)>> {
-        let (ids, tokens) = split(leases);
+        let (ids, tokens, agents, owners) = split(leases);
         let applied = sqlx::query_scalar!(
             r#"
             UPDATE agent_commands c
             SET status = 'ack', acknowledged_at = coalesce(c.acknowledged_at, now()),
                 updated_at = now()
-            FROM UNNEST($1::text[], $2::int8[]) AS l(command_id, token)
+            FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::text[])
+                 AS l(command_id, token, agent_id, owner)
             WHERE c.command_id = l.command_id AND c.lease_token = l.token
+              AND c.agent_id = l.agent_id AND c.lease_owner = l.owner
               AND c.status IN ('sent', 'ack')
             RETURNING c.command_id
             "#,
             &ids,
             &tokens,
+            &agents,
+            &owners,
         )
         .fetch_all(&self.pool)
         .await?;
@@ -103,7 +107,7 @@ impl CommandQueue {
         completions: &[Completion],
     ) -> Result<Vec<(CommandId, Outcome)>> {
         let leases: Vec<Lease> = completions.iter().map(|c| c.lease.clone()).collect();
-        let (ids, tokens) = split(&leases);
+        let (ids, tokens, agents, owners) = split(&leases);
         let results: Vec<serde_json::Value> = completions
             .iter()
             .map(|c| c.result.clone().unwrap_or(serde_json::Value::Null))
@@ -115,14 +119,18 @@ impl CommandQueue {
                 acknowledged_at = coalesce(c.acknowledged_at, now()),
                 result = CASE WHEN jsonb_typeof(l.result) = 'null' THEN NULL ELSE l.result END,
                 error_message = NULL
-            FROM UNNEST($1::text[], $2::int8[], $3::jsonb[]) AS l(command_id, token, result)
+            FROM UNNEST($1::text[], $2::int8[], $3::jsonb[], $4::text[], $5::text[])
+                 AS l(command_id, token, result, agent_id, owner)
             WHERE c.command_id = l.command_id AND c.lease_token = l.token
+              AND c.agent_id = l.agent_id AND c.lease_owner = l.owner
               AND c.status IN ('sent', 'ack')
             RETURNING c.command_id
             "#,
             &ids,
             &tokens,
             &results,
+            &agents,
+            &owners,
         )
         .fetch_all(&self.pool)
         .await?;
@@ -151,20 +159,21 @@ impl CommandQueue {
         failures: &[Failure],
     ) -> Result<Vec<(CommandId, FailureOutcome)>> {
         let leases: Vec<Lease> = failures.iter().map(|f| f.lease.clone()).collect();
-        let (ids, tokens) = split(&leases);
+        let (ids, tokens, agents, owners) = split(&leases);
         let messages: Vec<String> = failures.iter().map(|f| f.message.clone()).collect();
         let retryable: Vec<bool> = failures.iter().map(|f| f.retryable).collect();
         let rows = sqlx::query!(
             r#"
             WITH input AS (
-                SELECT l.command_id, l.token, l.message, l.retryable
-                FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::bool[])
-                     AS l(command_id, token, message, retryable)
+                SELECT l.command_id, l.token, l.message, l.retryable, l.agent_id, l.owner
+                FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::bool[], $7::text[], $8::text[])
+                     AS l(command_id, token, message, retryable, agent_id, owner)
             ), decided AS (
                 SELECT c.command_id, i.message, c.attempts, c.max_attempts,
                        (i.retryable AND c.attempts < c.max_attempts) AS retry
                 FROM agent_commands c JOIN input i
                   ON c.command_id = i.command_id AND c.lease_token = i.token
+                 AND c.agent_id = i.agent_id AND c.lease_owner = i.owner
                 WHERE c.status IN ('sent', 'ack')
                 FOR UPDATE OF c
             )
@@ -196,6 +205,8 @@ impl CommandQueue {
             &retryable,
             secs(self.config.retry_base),
             secs(self.config.retry_cap),
+            &agents,
+            &owners,
         )
         .fetch_all(&self.pool)
         .await?;
@@ -293,11 +304,21 @@ impl CommandQueue {
     }
 }
 
-fn split(leases: &[Lease]) -> (Vec<String>, Vec<i64>) {
-    leases
-        .iter()
-        .map(|l| (l.command_id.to_string(), l.token))
-        .unzip()
+/// Column arrays of a batch of leases: ids, tokens, agent ids, owners.
+fn split(leases: &[Lease]) -> (Vec<String>, Vec<i64>, Vec<String>, Vec<String>) {
+    let mut out = (
+        Vec::with_capacity(leases.len()),
+        Vec::with_capacity(leases.len()),
+        Vec::with_capacity(leases.len()),
+        Vec::with_capacity(leases.len()),
+    );
+    for l in leases {
+        out.0.push(l.command_id.to_string());
+        out.1.push(l.token);
+        out.2.push(l.agent_id.clone());
+        out.3.push(l.owner.clone());
+    }
+    out
 }
 
 fn single(mut outcomes: Vec<(CommandId, Outcome)>) -> Result<()> {

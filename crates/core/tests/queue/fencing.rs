@@ -5,7 +5,7 @@ use std::time::Duration;
 use streamspace_core::queue::{Completion, Failure, FailureOutcome, Outcome, QueueConfig};
 use streamspace_core::{CommandQueue, CommandStatus, Error};
 
-use crate::helpers::{claim, enqueue, eventually, queue, status_of, stop};
+use crate::helpers::{claim, claim_as, connect, enqueue, eventually, queue, status_of, stop};
 
 #[tokio::test]
 async fn completing_under_a_released_lease_changes_nothing_and_says_so() {
@@ -21,6 +21,16 @@ async fn completing_under_a_released_lease_changes_nothing_and_says_so() {
     q.command_ack_one(old.clone()).await.unwrap();
 
     let released = q.command_release_owner("conn-1").await.unwrap();
+    assert!(
+        released.requeued.is_empty(),
+        "an acknowledged command stays leased: the agent may still run it"
+    );
+    // The agent's next connection takes it back.
+    let conn2 = connect(&q, "agent-a", "conn-2").await;
+    let released = q
+        .command_release_superseded("agent-a", conn2.epoch, conn2.owner, &[])
+        .await
+        .unwrap();
     assert_eq!(released.requeued, vec![cmd.command_id.to_string()]);
     let new = claim(&q, "agent-a", "conn-2", 10)
         .await
@@ -199,10 +209,14 @@ async fn extending_keeps_a_live_connections_leases_from_being_rescued() {
     )
     .unwrap();
     enqueue(&q, &stop("agent-a", Some("s-1"))).await;
-    claim(&q, "agent-a", "conn-1", 10).await;
+    let lease = claim(&q, "agent-a", "conn-1", 10).await.commands[0]
+        .lease
+        .clone()
+        .unwrap();
+    let held = [(lease.command_id.to_string(), lease.token)];
     // Renew well inside the lease a few times, then check nothing was rescued.
     for _ in 0..5 {
-        assert_eq!(q.command_lease_extend("conn-1").await.unwrap(), 1);
+        assert_eq!(q.command_lease_extend("conn-1", &held).await.unwrap(), 1);
         assert!(
             q.command_rescue_expired(100)
                 .await
@@ -211,11 +225,43 @@ async fn extending_keeps_a_live_connections_leases_from_being_rescued() {
                 .is_empty()
         );
     }
-    assert_eq!(q.command_lease_extend("other-conn").await.unwrap(), 0);
+    assert_eq!(
+        q.command_lease_extend("other-conn", &held).await.unwrap(),
+        0
+    );
 }
 
 #[tokio::test]
-async fn release_does_not_count_undelivered_attempts_but_counts_acknowledged_ones() {
+async fn only_the_leases_a_connection_names_are_renewed_so_an_orphan_expires() {
+    let base = queue().await;
+    let q = CommandQueue::new(
+        base.pool().clone(),
+        QueueConfig {
+            lease: Duration::from_millis(300),
+            ..QueueConfig::default()
+        },
+    )
+    .unwrap();
+    enqueue(&q, &stop("agent-a", Some("s-1"))).await;
+    enqueue(&q, &stop("agent-a", Some("s-2"))).await;
+    let batch = claim(&q, "agent-a", "conn-1", 10).await;
+    // The connection learned of the first lease only (the reply of a second claim was
+    // lost, say): renewing names it alone.
+    let known = batch.commands[0].lease.clone().unwrap();
+    let orphan = batch.commands[1].command_id.to_string();
+    let held = [(known.command_id.to_string(), known.token)];
+    let rescued = eventually("the orphan's rescue", Duration::from_secs(20), || async {
+        q.command_lease_extend("conn-1", &held).await.unwrap();
+        let r = q.command_rescue_expired(100).await.unwrap();
+        (!r.requeued.is_empty()).then_some(r.requeued)
+    })
+    .await;
+    assert_eq!(rescued, vec![orphan]);
+    assert_eq!(status_of(&q, known.command_id.as_str()).await.0, "sent");
+}
+
+#[tokio::test]
+async fn release_does_not_count_undelivered_attempts_nor_flaps_but_counts_lost_ones() {
     let q = queue().await;
     let mut cmd = stop("agent-a", Some("s-1"));
     cmd.max_attempts = 2;
@@ -232,18 +278,52 @@ async fn release_does_not_count_undelivered_attempts_but_counts_acknowledged_one
         .unwrap();
     assert_eq!((record.status.as_str(), record.attempts), ("pending", 0));
 
-    // Acknowledged twice, lost twice: a poison command ends instead of looping forever.
-    for round in 1..=2 {
-        let lease = claim(&q, "agent-a", "conn", 10)
+    // Acknowledged, then the connection flaps five times while the agent keeps running
+    // it (it says so in each Hello): no attempt is burned.
+    let mut conn = connect(&q, "agent-a", "flap-0").await;
+    let lease = claim_as(&q, conn, 10)
+        .await
+        .commands
+        .remove(0)
+        .lease
+        .unwrap();
+    q.command_ack_one(lease).await.unwrap();
+    let running = [cmd.command_id.to_string()];
+    for (i, owner) in ["flap-1", "flap-2", "flap-3", "flap-4", "flap-5"]
+        .iter()
+        .enumerate()
+    {
+        q.command_release_owner(conn.owner).await.unwrap();
+        conn = connect(&q, "agent-a", owner).await;
+        let r = q
+            .command_release_superseded("agent-a", conn.epoch, conn.owner, &running)
             .await
-            .commands
-            .remove(0)
-            .lease
             .unwrap();
-        q.command_ack_one(lease).await.unwrap();
-        let released = q.command_release_owner("conn").await.unwrap();
+        assert_eq!(r.requeued.len(), 1, "flap {i}: {r:?}");
+        let again = claim_as(&q, conn, 10).await.commands.remove(0);
+        assert_eq!(again.attempts, 1, "flap {i} burned an attempt");
+        q.command_ack_one(again.lease.unwrap()).await.unwrap();
+    }
+
+    // The agent comes back without it (it crashed running it): that attempt counts, and
+    // a poison command ends instead of looping forever.
+    for round in 1..=2 {
+        q.command_release_owner(conn.owner).await.unwrap();
+        conn = connect(
+            &q,
+            "agent-a",
+            if round == 1 { "crash-1" } else { "crash-2" },
+        )
+        .await;
+        let released = q
+            .command_release_superseded("agent-a", conn.epoch, conn.owner, &[])
+            .await
+            .unwrap();
         if round == 1 {
             assert_eq!(released.requeued.len(), 1);
+            let again = claim_as(&q, conn, 10).await.commands.remove(0);
+            assert_eq!(again.attempts, 2);
+            q.command_ack_one(again.lease.unwrap()).await.unwrap();
         } else {
             assert_eq!(released.failed, vec![cmd.command_id.to_string()]);
         }
@@ -251,4 +331,78 @@ async fn release_does_not_count_undelivered_attempts_but_counts_acknowledged_one
     let (status, error) = status_of(&q, cmd.command_id.as_str()).await;
     assert_eq!(status, "failed");
     assert!(error.unwrap().contains("gave up after 2 attempts"));
+}
+
+#[tokio::test]
+async fn a_superseded_connection_can_neither_claim_nor_take_back_leases() {
+    let q = queue().await;
+    enqueue(&q, &stop("agent-a", Some("s-1"))).await;
+    let old = connect(&q, "agent-a", "d1/old").await;
+    let new = connect(&q, "agent-a", "d2/new").await;
+    assert!(
+        claim_as(&q, old, 10).await.commands.is_empty(),
+        "old epoch claims nothing"
+    );
+    let held = claim_as(&q, new, 10).await.commands.remove(0);
+    q.command_ack_one(held.lease.clone().unwrap())
+        .await
+        .unwrap();
+    let err = q
+        .command_release_superseded("agent-a", old.epoch, old.owner, &[])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Superseded { .. }), "{err:?}");
+    assert_eq!(status_of(&q, held.command_id.as_str()).await.0, "ack");
+
+    // After its disconnect, not even the newest epoch's owner can claim (a claim that
+    // was in flight when the connection ended cannot leave a lease behind).
+    enqueue(&q, &stop("agent-a", Some("s-2"))).await;
+    streamspace_core::agents::agent_disconnect(q.pool(), "agent-a", new.epoch)
+        .await
+        .unwrap();
+    assert!(claim_as(&q, new, 10).await.commands.is_empty());
+}
+
+#[tokio::test]
+async fn transitions_require_the_commands_agent_and_the_leases_owner() {
+    let q = queue().await;
+    enqueue(&q, &stop("agent-a", Some("s-1"))).await;
+    let lease = claim(&q, "agent-a", "conn-a", 10).await.commands[0]
+        .lease
+        .clone()
+        .unwrap();
+    // Another agent that learned (or guessed) the token, and another connection of the
+    // same agent: both refused, nothing changes.
+    for forged in [
+        streamspace_core::command::Lease {
+            agent_id: "agent-b".into(),
+            ..lease.clone()
+        },
+        streamspace_core::command::Lease {
+            owner: "conn-other".into(),
+            ..lease.clone()
+        },
+    ] {
+        let err = q.command_ack_one(forged.clone()).await.unwrap_err();
+        assert!(matches!(err, Error::StaleLease { .. }), "{err:?}");
+        let err = q
+            .command_complete_one(Completion {
+                lease: forged.clone(),
+                result: None,
+            })
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::StaleLease { .. }), "{err:?}");
+        let out = q
+            .command_fail(&[Failure {
+                lease: forged,
+                message: "forged".into(),
+                retryable: false,
+            }])
+            .await
+            .unwrap();
+        assert!(matches!(out[0].1, FailureOutcome::Rejected(_)), "{out:?}");
+    }
+    assert_eq!(status_of(&q, lease.command_id.as_str()).await.0, "sent");
+    q.command_ack_one(lease).await.unwrap();
 }

@@ -3,8 +3,10 @@
 use std::time::{Duration, Instant};
 
 use sqlx::PgPool;
+use streamspace_core::agents::{self, ConnectInfo};
 use streamspace_core::command::{CommandKind, StopSession};
 use streamspace_core::queue::{ClaimBatch, ClaimParams, NewCommand, QueueConfig};
+use streamspace_core::sessions::Reporter;
 use streamspace_core::{CommandQueue, db};
 
 pub async fn pool() -> PgPool {
@@ -78,4 +80,33 @@ where
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Connects `agent` as a dispatcher would (a new epoch held by `owner`) and returns the
+/// reporter that the connection's writes are fenced by.
+pub async fn connect(
+    q: &CommandQueue,
+    agent: &'static str,
+    owner: &'static str,
+) -> Reporter<'static> {
+    let epoch = agents::agent_connect(q.pool(), agent, owner, &ConnectInfo::default())
+        .await
+        .expect("connect");
+    Reporter {
+        agent_id: agent,
+        epoch,
+        owner,
+    }
+}
+
+/// Claims as the connection `reporter` (fenced by its epoch and owner).
+pub async fn claim_as(q: &CommandQueue, reporter: Reporter<'_>, limit: i64) -> ClaimBatch {
+    q.command_claim(ClaimParams {
+        agent_id: reporter.agent_id,
+        owner: reporter.owner,
+        limit,
+        epoch: Some(reporter.epoch),
+    })
+    .await
+    .expect("claim")
 }

@@ -5,7 +5,7 @@ use streamspace_core::command::{CommandKind, StartSession};
 use streamspace_core::queue::{Completion, Failure, NewCommand};
 use streamspace_core::sessions::{self, Observation, ObservedState};
 
-use crate::helpers::{claim, enqueue, queue, stop};
+use crate::helpers::{claim, connect, enqueue, queue, stop};
 
 async fn session(q: &CommandQueue, id: &str, state: &str) {
     sqlx::query("INSERT INTO sessions (id, user_id, template, agent_id, state) VALUES ($1, 'u', 'firefox-browser', 'agent-a', $2)")
@@ -130,13 +130,11 @@ async fn observations_move_only_settled_sessions() {
         url: None,
         message: Some("session process exited unexpectedly: signal 9".into()),
     };
-    let changed = sessions::session_observe(
-        q.pool(),
-        "agent-a",
-        &[crashed("s-running"), crashed("s-busy")],
-    )
-    .await
-    .unwrap();
+    let a = connect(&q, "agent-a", "d/agent-a/1").await;
+    let changed =
+        sessions::session_observe(q.pool(), a, &[crashed("s-running"), crashed("s-busy")])
+            .await
+            .unwrap();
     assert_eq!(changed, vec!["s-running".to_string()]);
     let (state, _, message) = state_of(&q, "s-running").await;
     assert_eq!(state, "failed");
@@ -144,12 +142,56 @@ async fn observations_move_only_settled_sessions() {
     assert_eq!(state_of(&q, "s-busy").await.0, "running");
     // Another agent cannot move this agent's sessions.
     session(&q, "s-other", "running").await;
+    let b = connect(&q, "agent-b", "d/agent-b/1").await;
     assert!(
-        sessions::session_observe(q.pool(), "agent-b", &[crashed("s-other")])
+        sessions::session_observe(q.pool(), b, &[crashed("s-other")])
             .await
             .unwrap()
             .is_empty()
     );
+    // Nor can a superseded connection of the agent itself.
+    session(&q, "s-later", "running").await;
+    connect(&q, "agent-a", "d/agent-a/2").await;
+    assert!(
+        sessions::session_observe(q.pool(), a, &[crashed("s-later")])
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(state_of(&q, "s-later").await.0, "running");
+}
+
+#[tokio::test]
+async fn the_last_observation_of_a_session_in_a_batch_wins() {
+    let q = queue().await;
+    session(&q, "s-1", "running").await;
+    let a = connect(&q, "agent-a", "d/agent-a/1").await;
+    let seen = |state| Observation {
+        session_id: "s-1".into(),
+        state,
+        url: None,
+        message: None,
+    };
+    let stale_then_fresh = [
+        seen(ObservedState::Hibernated),
+        seen(ObservedState::Running),
+    ];
+    let changed = sessions::session_observe(q.pool(), a, &stale_then_fresh)
+        .await
+        .unwrap();
+    assert!(changed.is_empty(), "{changed:?}");
+    assert_eq!(state_of(&q, "s-1").await.0, "running");
+    sessions::session_observe(
+        q.pool(),
+        a,
+        &[
+            seen(ObservedState::Running),
+            seen(ObservedState::Hibernated),
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(state_of(&q, "s-1").await.0, "hibernated");
 }
 
 #[tokio::test]
@@ -169,7 +211,8 @@ async fn hello_reconciliation_stops_orphans_and_marks_lost_sessions_without_dest
     };
     let inventory = [running("s-kept"), running("s-ended"), running("s-unknown")];
 
-    let r = sessions::session_reconcile(q.pool(), "agent-a", &inventory)
+    let a = connect(&q, "agent-a", "d/agent-a/1").await;
+    let r = sessions::session_reconcile(q.pool(), a, &inventory)
         .await
         .unwrap();
     let mut orphans = r.orphans_stopped.clone();
@@ -194,7 +237,7 @@ async fn hello_reconciliation_stops_orphans_and_marks_lost_sessions_without_dest
     );
 
     // The queued stops are real commands; a second hello does not queue them twice.
-    let again = sessions::session_reconcile(q.pool(), "agent-a", &inventory)
+    let again = sessions::session_reconcile(q.pool(), a, &inventory)
         .await
         .unwrap();
     assert!(again.orphans_stopped.is_empty(), "{again:?}");
@@ -204,4 +247,83 @@ async fn hello_reconciliation_stops_orphans_and_marks_lost_sessions_without_dest
             .await
             .unwrap();
     assert_eq!(stops.0, 2);
+}
+
+#[tokio::test]
+async fn reconciliation_never_stops_another_agents_session_and_a_stale_connection_changes_nothing()
+{
+    let q = queue().await;
+    // s-theirs runs on agent-b; agent-a (wrongly) reports it too.
+    sqlx::query("INSERT INTO sessions (id, user_id, template, agent_id, state) VALUES ('s-theirs', 'u', 'firefox-browser', 'agent-b', 'running')")
+        .execute(q.pool())
+        .await
+        .unwrap();
+    session(&q, "s-mine", "running").await;
+    let running = |id: &str| Observation {
+        session_id: id.into(),
+        state: ObservedState::Running,
+        url: None,
+        message: None,
+    };
+    let a = connect(&q, "agent-a", "d/agent-a/1").await;
+    let r = sessions::session_reconcile(q.pool(), a, &[running("s-mine"), running("s-theirs")])
+        .await
+        .unwrap();
+    assert!(r.orphans_stopped.is_empty(), "{r:?}");
+    let stops: (i64,) = sqlx::query_as("SELECT count(*) FROM agent_commands")
+        .fetch_one(q.pool())
+        .await
+        .unwrap();
+    assert_eq!(stops.0, 0, "no stop queued for another agent's session");
+    assert_eq!(state_of(&q, "s-theirs").await.0, "running");
+
+    // A newer connection exists: the old one's (empty) inventory changes nothing.
+    connect(&q, "agent-a", "d/agent-a/2").await;
+    let err = sessions::session_reconcile(q.pool(), a, &[])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, streamspace_core::Error::Superseded { .. }),
+        "{err:?}"
+    );
+    assert_eq!(state_of(&q, "s-mine").await.0, "running");
+}
+
+#[tokio::test]
+async fn a_lost_session_is_not_overwritten_when_a_command_is_accepted_concurrently() {
+    let q = queue().await;
+    session(&q, "s-1", "running").await;
+    let a = connect(&q, "agent-a", "d/agent-a/1").await;
+
+    // A user's hibernate is being accepted: the session moved and the command written,
+    // not yet committed.
+    let mut accepting = q.pool().begin().await.unwrap();
+    sqlx::query("UPDATE sessions SET state = 'hibernating' WHERE id = 's-1'")
+        .execute(&mut *accepting)
+        .await
+        .unwrap();
+    let mut hibernate = stop("agent-a", Some("s-1"));
+    hibernate.kind = CommandKind::HibernateSession(Default::default());
+    CommandQueue::command_enqueue(&mut accepting, &hibernate)
+        .await
+        .unwrap();
+
+    // The agent reconnects without the session; reconciliation runs meanwhile.
+    let pool = q.pool().clone();
+    let reconcile = tokio::spawn(async move { sessions::session_reconcile(&pool, a, &[]).await });
+    // Wait until it is blocked on the session row, then let the acceptance commit.
+    crate::helpers::eventually("reconciliation waiting on the session row", std::time::Duration::from_secs(20), || async {
+        let waiting: (i64,) = sqlx::query_as(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()",
+        )
+        .fetch_one(q.pool())
+        .await
+        .unwrap();
+        (waiting.0 > 0).then_some(())
+    })
+    .await;
+    accepting.commit().await.unwrap();
+    let r = reconcile.await.unwrap().unwrap();
+    assert!(r.lost.is_empty(), "{r:?}");
+    assert_eq!(state_of(&q, "s-1").await.0, "hibernating");
 }

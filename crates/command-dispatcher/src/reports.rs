@@ -1,0 +1,137 @@
+//! The agent's reports — acks, results, session observations — applied in stream order,
+//! with failed writes kept and retried.
+//!
+//! Invariants:
+//! - **Stream order.** Reports are applied in the order the agent sent them. Consecutive
+//!   reports of one kind are batched (one statement per kind), but a batch never reaches
+//!   past a report of the other kind: an observation sent before a result is applied
+//!   before it, so a stale `hibernated` can never overwrite the `running` a later wake
+//!   result set.
+//! - **Nothing is dropped on a database error.** A segment whose write fails stays at the
+//!   head of the backlog, with everything after it, and is written again (every write is
+//!   idempotent: a repeated ack or result under the same lease is a duplicate, an
+//!   observation a no-op). Its commands stay in the connection's in-flight set meanwhile,
+//!   so their leases keep being renewed.
+
+use std::collections::VecDeque;
+
+use streamspace_core::command::{CommandId, Lease};
+use streamspace_core::queue::{Completion, Failure, FailureOutcome, Outcome};
+use streamspace_core::sessions::{self, Observation, Reporter};
+use streamspace_core::{CommandQueue, Error};
+
+/// One report admitted from the stream (its lease is held by the connection).
+#[derive(Debug)]
+pub(crate) enum Report {
+    Ack(Lease),
+    Completed(Completion),
+    Failed(Failure),
+    Observations(Vec<Observation>),
+}
+
+impl Report {
+    /// Reports about commands are batched together; observations together.
+    fn is_command(&self) -> bool {
+        !matches!(self, Report::Observations(_))
+    }
+}
+
+/// A command whose result was written (applied, duplicate or refused as stale): the
+/// connection no longer holds its lease.
+pub(crate) type Finished = (String, i64);
+
+/// Writes the backlog from its head, one same-kind segment at a time, removing each
+/// segment once written. Stops at the first failed write, leaving that segment and the
+/// rest in place, and returns the error; `finished` collects the results written so far.
+pub(crate) async fn apply(
+    queue: &CommandQueue,
+    reporter: Reporter<'_>,
+    backlog: &mut VecDeque<Report>,
+    finished: &mut Vec<Finished>,
+) -> Result<(), Error> {
+    while let Some(front) = backlog.front() {
+        let commands = front.is_command();
+        let len = backlog
+            .iter()
+            .take_while(|r| r.is_command() == commands)
+            .count();
+        let segment = backlog.range(..len);
+        if commands {
+            write_command_reports(queue, reporter.agent_id, segment, finished).await?;
+        } else {
+            let observations: Vec<Observation> = segment
+                .flat_map(|r| match r {
+                    Report::Observations(o) => o.clone(),
+                    _ => Vec::new(),
+                })
+                .collect();
+            sessions::session_observe(queue.pool(), reporter, &observations).await?;
+        }
+        backlog.drain(..len);
+    }
+    Ok(())
+}
+
+async fn write_command_reports<'a>(
+    queue: &CommandQueue,
+    agent_id: &str,
+    segment: impl Iterator<Item = &'a Report>,
+    finished: &mut Vec<Finished>,
+) -> Result<(), Error> {
+    let mut acks = Vec::new();
+    let mut completions = Vec::new();
+    let mut failures = Vec::new();
+    for r in segment {
+        match r {
+            Report::Ack(lease) => acks.push(lease.clone()),
+            Report::Completed(c) => completions.push(c.clone()),
+            Report::Failed(f) => failures.push(f.clone()),
+            Report::Observations(_) => {}
+        }
+    }
+    if !acks.is_empty() {
+        log_rejections(agent_id, "ack", queue.command_ack(&acks).await?);
+    }
+    if !completions.is_empty() {
+        log_rejections(
+            agent_id,
+            "completion",
+            queue.command_complete(&completions).await?,
+        );
+        finished.extend(
+            completions
+                .iter()
+                .map(|c| (c.lease.command_id.to_string(), c.lease.token)),
+        );
+    }
+    if !failures.is_empty() {
+        for (id, outcome) in queue.command_fail(&failures).await? {
+            match outcome {
+                FailureOutcome::Retrying { next_attempt_at } => {
+                    tracing::info!(agent_id, command_id = %id, %next_attempt_at, "command failed; will retry")
+                }
+                FailureOutcome::Failed => {
+                    tracing::warn!(agent_id, command_id = %id, "command failed")
+                }
+                FailureOutcome::Duplicate => {}
+                FailureOutcome::Rejected(r) => {
+                    tracing::info!(agent_id, command_id = %id, current = ?r.current, "failure report under a stale lease ignored")
+                }
+            }
+        }
+        finished.extend(
+            failures
+                .iter()
+                .map(|f| (f.lease.command_id.to_string(), f.lease.token)),
+        );
+    }
+    Ok(())
+}
+
+fn log_rejections(agent_id: &str, what: &str, outcomes: Vec<(CommandId, Outcome)>) {
+    for (id, outcome) in outcomes {
+        if let Outcome::Rejected(r) = outcome {
+            tracing::info!(agent_id, command_id = %id, current = ?r.current, "{what} under a stale lease ignored");
+        }
+    }
+}
