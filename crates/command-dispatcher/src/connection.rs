@@ -109,24 +109,26 @@ pub async fn accept(
         agent_version: hello.agent_version.clone(),
         capabilities: serde_json::json!({ "capabilities": hello.capabilities, "runtime": hello.runtime }),
     };
-    let pool = shared.queue.pool();
-    let epoch = agents::agent_connect(pool, &agent_id, &owner, &info)
-        .await
-        .map_err(|e| internal(&agent_id, e))?;
-
-    // From here on the database names this connection the agent's current one: whatever
-    // fails before the stream is served must undo that, or the agent shows online with
-    // nobody holding its stream.
-    match handshake(&shared, &agent_id, &owner, epoch, &hello, inbound).await {
-        Ok(started) => Ok(started),
-        Err(status) => {
+    // From the connect on, the database may name this connection the agent's current one
+    // (even when the connect's reply is lost): whatever fails before the stream is served
+    // must undo that, or the agent shows online with nobody holding its stream.
+    let result = async {
+        let epoch = agents::agent_connect(shared.queue.pool(), &agent_id, &owner, &info)
+            .await
+            .map_err(|e| internal(&agent_id, e))?;
+        let served = handshake(&shared, &agent_id, &owner, epoch, &hello, inbound).await;
+        if served.is_err() {
             shared.registry.unregister(&agent_id, epoch);
-            if let Err(e) = agents::agent_disconnect(pool, &agent_id, epoch).await {
-                tracing::error!(agent_id, epoch, error = %e, "undoing a failed handshake failed");
-            }
-            Err(status)
         }
+        served
     }
+    .await;
+    if result.is_err()
+        && let Err(e) = agents::agent_disconnect_owner(shared.queue.pool(), &agent_id, &owner).await
+    {
+        tracing::error!(agent_id, owner, error = %e, "undoing a failed handshake failed; the agent shows offline once its heartbeat ages");
+    }
+    result
 }
 
 /// The fenced steps after `agent_connect`: hand over older connections' leases, reconcile
@@ -486,13 +488,13 @@ impl Connection {
                 match r.outcome {
                     Some(pb::command_result::Outcome::Completed(c)) => {
                         let observed = c.session.as_ref().and_then(convert::observation);
-                        backlog.push_back(Report::Completed(Completion {
-                            lease,
-                            result: convert::completion_details(&c),
-                        }));
-                        if let Some(o) = observed {
-                            backlog.push_back(Report::Observations(vec![o]));
-                        }
+                        backlog.push_back(Report::Completed(
+                            Completion {
+                                lease,
+                                result: convert::completion_details(&c),
+                            },
+                            observed,
+                        ));
                     }
                     Some(pb::command_result::Outcome::Failed(f)) => {
                         backlog.push_back(Report::Failed(Failure {

@@ -6,7 +6,9 @@
 //!   reports of one kind are batched (one statement per kind), but a batch never reaches
 //!   past a report of the other kind: an observation sent before a result is applied
 //!   before it, so a stale `hibernated` can never overwrite the `running` a later wake
-//!   result set.
+//!   result set. A completion's own observation is applied right after the completions of
+//!   its batch (the last one per session wins), so a drain costs a few statements per
+//!   batch, not per command.
 //! - **Nothing is dropped on a database error.** A segment whose write fails stays at the
 //!   head of the backlog, with everything after it, and is written again (every write is
 //!   idempotent: a repeated ack or result under the same lease is a duplicate, an
@@ -24,7 +26,8 @@ use streamspace_core::{CommandQueue, Error};
 #[derive(Debug)]
 pub(crate) enum Report {
     Ack(Lease),
-    Completed(Completion),
+    /// A completion, with what the runtime observed once it took effect.
+    Completed(Completion, Option<Observation>),
     Failed(Failure),
     Observations(Vec<Observation>),
 }
@@ -57,7 +60,7 @@ pub(crate) async fn apply(
             .count();
         let segment = backlog.range(..len);
         if commands {
-            write_command_reports(queue, reporter.agent_id, segment, finished).await?;
+            write_command_reports(queue, reporter, segment, finished).await?;
         } else {
             let observations: Vec<Observation> = segment
                 .flat_map(|r| match r {
@@ -74,17 +77,22 @@ pub(crate) async fn apply(
 
 async fn write_command_reports<'a>(
     queue: &CommandQueue,
-    agent_id: &str,
+    reporter: Reporter<'_>,
     segment: impl Iterator<Item = &'a Report>,
     finished: &mut Vec<Finished>,
 ) -> Result<(), Error> {
+    let agent_id = reporter.agent_id;
     let mut acks = Vec::new();
     let mut completions = Vec::new();
+    let mut observed = Vec::new();
     let mut failures = Vec::new();
     for r in segment {
         match r {
             Report::Ack(lease) => acks.push(lease.clone()),
-            Report::Completed(c) => completions.push(c.clone()),
+            Report::Completed(c, o) => {
+                completions.push(c.clone());
+                observed.extend(o.clone());
+            }
             Report::Failed(f) => failures.push(f.clone()),
             Report::Observations(_) => {}
         }
@@ -98,6 +106,9 @@ async fn write_command_reports<'a>(
             "completion",
             queue.command_complete(&completions).await?,
         );
+        if !observed.is_empty() {
+            sessions::session_observe(queue.pool(), reporter, &observed).await?;
+        }
         finished.extend(
             completions
                 .iter()

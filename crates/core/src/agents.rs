@@ -257,6 +257,24 @@ pub async fn agent_disconnect(pool: &PgPool, agent_id: &str, epoch: i64) -> Resu
     Ok(done.rows_affected() == 1)
 }
 
+/// Marks the connection held by `owner` closed, whatever its epoch: the undo of a
+/// handshake that failed after (or while) recording its connect — including a connect
+/// that committed but whose reply was lost, whose epoch the caller never learned. Owners
+/// are unique per connection, so this never touches another connection.
+pub async fn agent_disconnect_owner(pool: &PgPool, agent_id: &str, owner: &str) -> Result<bool> {
+    let done = sqlx::query!(
+        r#"
+        UPDATE agents SET connected_owner = NULL, disconnected_at = now(), updated_at = now()
+        WHERE agent_id = $1 AND connected_owner = $2
+        "#,
+        agent_id,
+        owner,
+    )
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
 /// Every agent with its derived status, by id.
 pub async fn agent_list(
     exec: impl PgExecutor<'_>,

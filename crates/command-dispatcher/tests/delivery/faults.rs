@@ -249,6 +249,58 @@ async fn regression_stale_handshake_fenced() {
     assert!(fast.agent_online("agent-a").await);
 }
 
+/// A handshake whose connect committed but whose reply was lost used to leave the agent
+/// shown online (`connected_owner` set) with nobody holding its stream. It is undone.
+#[tokio::test]
+async fn a_failed_handshake_leaves_no_phantom_online_agent() {
+    let (url, proxy) = database_behind_proxy().await;
+    let d = dispatcher_behind(&url, &proxy, |c| c.db_failures_before_unready = 1_000).await;
+    let token = d.agent("agent-a").await;
+    let (tx, call) = open_without_hello(&d.url(), &token).await;
+    eventually("authenticated", LIMIT, || async {
+        (d.metric("streamspace_dispatcher_handshakes_in_progress")
+            .await
+            == 1.0)
+            .then_some(())
+    })
+    .await;
+    proxy.hold_pg_completions();
+    tx.send(hello(vec![])).await.unwrap();
+    eventually("the connect committed", LIMIT, || async {
+        let (owner,): (Option<String>,) =
+            sqlx::query_as("SELECT connected_owner FROM agents WHERE agent_id = 'agent-a'")
+                .fetch_one(&d.pool)
+                .await
+                .unwrap();
+        owner.is_some().then_some(())
+    })
+    .await;
+    // The connect's reply is lost with its connection.
+    proxy.sever_into(streamspace_faultnet::Mode::Pass);
+    let ended = tokio::time::timeout(LIMIT, call)
+        .await
+        .expect("the handshake ends")
+        .unwrap();
+    assert_eq!(
+        ended
+            .expect_err("a handshake without its connect's answer fails")
+            .code(),
+        tonic::Code::Unavailable
+    );
+    eventually("the connect undone", LIMIT, || async {
+        let (owner,): (Option<String>,) =
+            sqlx::query_as("SELECT connected_owner FROM agents WHERE agent_id = 'agent-a'")
+                .fetch_one(&d.pool)
+                .await
+                .unwrap();
+        owner.is_none().then_some(())
+    })
+    .await;
+    assert!(!d.agent_online("agent-a").await);
+    // And the agent's next attempt is served normally.
+    RawAgent::connect(&d.url(), &token).await;
+}
+
 /// Defect 5: reports that arrive together used to be applied by kind — completions
 /// first, observations after — so a heartbeat's `hibernated` sent *before* a wake's
 /// result overwrote the `running` the result set. They are now applied in stream order.

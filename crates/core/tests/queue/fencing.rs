@@ -406,3 +406,58 @@ async fn transitions_require_the_commands_agent_and_the_leases_owner() {
     assert_eq!(status_of(&q, lease.command_id.as_str()).await.0, "sent");
     q.command_ack_one(lease).await.unwrap();
 }
+
+#[tokio::test]
+async fn rescue_expiry_and_cancel_wake_whichever_replica_holds_the_agent() {
+    use streamspace_core::queue::{CommandListener, Wakeup};
+
+    let base = queue().await;
+    let q = CommandQueue::new(
+        base.pool().clone(),
+        QueueConfig {
+            lease: Duration::from_millis(100),
+            ..QueueConfig::default()
+        },
+    )
+    .unwrap();
+    let mut listener = CommandListener::new(q.pool().clone());
+    assert_eq!(listener.recv().await, Wakeup::Resync, "listening");
+    // Rescue: the lease of a vanished holder expires.
+    enqueue(&q, &stop("agent-a", Some("s-1"))).await;
+    assert_eq!(next(&mut listener).await, Wakeup::Agent("agent-a".into()));
+    claim(&q, "agent-a", "gone", 10).await;
+    eventually("the rescue", Duration::from_secs(20), || async {
+        let r = q.command_rescue_expired(10).await.unwrap();
+        (!r.requeued.is_empty()).then_some(())
+    })
+    .await;
+    assert_eq!(next(&mut listener).await, Wakeup::Agent("agent-a".into()));
+
+    // Expiry: a command whose deadline passed before delivery.
+    let mut late = stop("agent-b", Some("s-2"));
+    late.expires_at = Some(chrono::Utc::now() - chrono::Duration::seconds(1));
+    enqueue(&q, &late).await;
+    assert_eq!(next(&mut listener).await, Wakeup::Agent("agent-b".into()));
+    assert_eq!(q.command_expire().await.unwrap().len(), 1);
+    assert_eq!(next(&mut listener).await, Wakeup::Agent("agent-b".into()));
+
+    // Cancel: notified when the caller's transaction commits.
+    let cancelled = stop("agent-a", Some("s-3"));
+    enqueue(&q, &cancelled).await;
+    assert_eq!(next(&mut listener).await, Wakeup::Agent("agent-a".into()));
+    let mut tx = q.pool().begin().await.unwrap();
+    CommandQueue::command_cancel(&mut tx, &cancelled.command_id, "withdrawn")
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(next(&mut listener).await, Wakeup::Agent("agent-a".into()));
+}
+
+/// The next wake-up, failing the test after a generous bound.
+async fn next(
+    listener: &mut streamspace_core::queue::CommandListener,
+) -> streamspace_core::queue::Wakeup {
+    tokio::time::timeout(Duration::from_secs(20), listener.recv())
+        .await
+        .expect("a wake-up")
+}
