@@ -17,6 +17,8 @@ pub enum Task {
     Up(UpFlags),
     /// The original integration test plan against real processes.
     E2e(E2eFlags),
+    /// Faults injected under a steady workload; every operation accounted for.
+    Chaos(ChaosFlags),
     /// Queue throughput on a private PostgreSQL with fsync on (release build).
     Bench(BenchFlags),
     /// Apply migrations to DATABASE_URL (or the local development database).
@@ -53,6 +55,26 @@ pub struct E2eFlags {
     /// Run one scenario, e.g. `3.2-command-retry`.
     #[arg(long)]
     pub scenario: Option<String>,
+    /// `quick` (CI) or `full`.
+    #[arg(long, default_value = "full")]
+    pub profile: String,
+    /// Show the services' logs.
+    #[arg(long)]
+    pub verbose: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ChaosFlags {
+    /// Run one scenario (agent-kill, dispatcher-kill, gateway-kill, postgres-restart,
+    /// db-network, agent-pause, partition, runtime-faults, reconnect-storm, mixed).
+    #[arg(long)]
+    pub scenario: Option<String>,
+    /// Replays the fault schedule of an earlier run.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Accepted commands to aim for per scenario (default: 150 quick, 10000 full).
+    #[arg(long)]
+    pub commands: Option<usize>,
     /// `quick` (CI) or `full`.
     #[arg(long, default_value = "full")]
     pub profile: String,

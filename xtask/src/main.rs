@@ -17,6 +17,7 @@ fn main() -> anyhow::Result<()> {
         flags::Task::Ci(f) => ci::run(f),
         flags::Task::Up(f) => up::run(f),
         flags::Task::E2e(f) => up::e2e(f),
+        flags::Task::Chaos(f) => up::chaos(f),
         flags::Task::Bench(f) => up::bench(f),
         flags::Task::Migrate(f) => migrate::run(f),
         flags::Task::SqlxPrepare(f) => sqlx_prepare::run(f),

@@ -7,7 +7,7 @@ use std::process::Command;
 
 use anyhow::Context;
 
-use crate::flags::{BenchFlags, E2eFlags, UpFlags};
+use crate::flags::{BenchFlags, ChaosFlags, E2eFlags, UpFlags};
 use crate::util::{cargo, exec, root};
 
 /// Builds every binary of the workspace (debug), the ones the stack starts.
@@ -54,6 +54,25 @@ pub fn e2e(flags: E2eFlags) -> anyhow::Result<()> {
         cmd.arg("--verbose");
     }
     exec(cmd).context("end-to-end scenarios failed")
+}
+
+pub fn chaos(flags: ChaosFlags) -> anyhow::Result<()> {
+    build_bins()?;
+    let mut cmd = stack();
+    cmd.arg("chaos").arg("--profile").arg(&flags.profile);
+    if let Some(s) = &flags.scenario {
+        cmd.arg("--scenario").arg(s);
+    }
+    if let Some(seed) = flags.seed {
+        cmd.arg("--seed").arg(seed.to_string());
+    }
+    if let Some(n) = flags.commands {
+        cmd.arg("--commands").arg(n.to_string());
+    }
+    if flags.verbose {
+        cmd.arg("--verbose");
+    }
+    exec(cmd).context("chaos scenarios failed")
 }
 
 /// Benchmarks are measured on an optimised build; the figures go to `target/bench/`.

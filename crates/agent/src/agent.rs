@@ -29,6 +29,7 @@ use crate::backoff::Backoff;
 use crate::config::{AgentConfig, RuntimeKind};
 use crate::error::{Error, Result};
 use crate::executor::Executor;
+use crate::runtime::faulty::{FaultyRuntime, Op as FaultOp, Schedule};
 use crate::runtime::{KubernetesRuntime, Observation, ProcessRuntime, SessionRuntime};
 
 /// Messages queued for the writer before `send` waits. Small: beyond it, HTTP/2 flow
@@ -99,7 +100,8 @@ impl Agent {
             .parse()
             .map(Secret::new)
             .map_err(|_| Error::Config("credential is not a valid header value".into()))?;
-        let executor = Executor::new(runtime.clone(), config.remembered_commands);
+        let executor = Executor::new(runtime.clone(), config.remembered_commands)
+            .with_execution_log(&config.state_dir);
         let (state, _) = watch::channel(ConnectionState::Disconnected { last_error: None });
         Ok(Self {
             config,
@@ -122,6 +124,20 @@ impl Agent {
             RuntimeKind::Kubernetes => {
                 Arc::new(KubernetesRuntime::connect(&config.kubernetes).await?)
             }
+        };
+        let rate = config.fault_injection.runtime_failure_rate;
+        let runtime: Arc<dyn SessionRuntime> = if rate > 0.0 {
+            tracing::warn!(
+                runtime_failure_rate = rate,
+                "FAULT INJECTION ON: runtime calls fail on purpose (chaos runs only)"
+            );
+            let faulty = FaultyRuntime::new(runtime);
+            for op in FaultOp::ALL {
+                faulty.set(op, Schedule::Probability(rate), true);
+            }
+            Arc::new(faulty)
+        } else {
+            runtime
         };
         Self::new(config, runtime)
     }

@@ -94,6 +94,18 @@ pub struct AgentConfig {
     pub templates: BTreeMap<String, Template>,
     /// Kubernetes runtime: cluster access, namespace and its template catalog.
     pub kubernetes: KubernetesConfig,
+    /// Chaos runs only: make runtime calls fail on purpose. Off by default; an agent with
+    /// it on says so loudly at start-up. Never set it in production.
+    pub fault_injection: FaultInjectionConfig,
+}
+
+/// Runtime fault injection for chaos runs (`runtime::faulty::FaultyRuntime`).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FaultInjectionConfig {
+    /// Probability (0.0–1.0) that a `start`, `stop`, `hibernate`, `wake` or `list` call
+    /// fails with a retryable error before reaching the runtime. 0 turns it off.
+    pub runtime_failure_rate: f64,
 }
 
 impl Default for AgentConfig {
@@ -119,6 +131,7 @@ impl Default for AgentConfig {
             session_server: None,
             templates: BTreeMap::new(),
             kubernetes: KubernetesConfig::default(),
+            fault_injection: FaultInjectionConfig::default(),
         }
     }
 }
@@ -154,6 +167,12 @@ impl AgentConfig {
             return bad(format!(
                 "dispatcher_url {:?} must start with http:// or https://",
                 self.dispatcher_url
+            ));
+        }
+        let rate = self.fault_injection.runtime_failure_rate;
+        if !(0.0..=1.0).contains(&rate) {
+            return bad(format!(
+                "fault_injection.runtime_failure_rate must be 0.0..=1.0, got {rate}"
             ));
         }
         let credential = self.credential.expose();

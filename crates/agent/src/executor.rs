@@ -28,6 +28,7 @@ use streamspace_proto::agent::v1::agent_message::Msg;
 use tokio::sync::{mpsc, watch};
 use tracing::Instrument;
 
+use crate::executions::ExecutionLog;
 use crate::runtime::journal::unix_ms;
 use crate::runtime::{Observation, SessionRuntime};
 
@@ -127,6 +128,8 @@ struct State {
 #[derive(Debug)]
 struct Inner {
     runtime: Arc<dyn SessionRuntime>,
+    /// Where each runtime call is recorded, when the agent has a state directory.
+    executions: Option<ExecutionLog>,
     remembered: usize,
     state: Mutex<State>,
     /// Commands executing right now, for draining at shutdown.
@@ -145,11 +148,29 @@ impl Executor {
         Self {
             inner: Arc::new(Inner {
                 runtime,
+                executions: None,
                 remembered: remembered.max(1),
                 state: Mutex::new(State::default()),
                 running: watch::channel(0).0,
             }),
         }
+    }
+
+    /// Records every runtime call in `<state_dir>/executions.log` (see
+    /// [`crate::executions`]). Call before the executor is shared.
+    pub fn with_execution_log(mut self, state_dir: &std::path::Path) -> Self {
+        match ExecutionLog::open(state_dir) {
+            Ok(log) => match Arc::get_mut(&mut self.inner) {
+                Some(inner) => inner.executions = Some(log),
+                None => {
+                    tracing::warn!("execution log not attached: the executor is already shared")
+                }
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, dir = %state_dir.display(), "cannot open the execution log; executions are not recorded")
+            }
+        }
+        self
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -471,7 +492,18 @@ async fn worker(inner: Arc<Inner>, session_id: String) {
             job
         };
         let command_id = job.command_id.clone();
+        let action = job.kind.action();
         let outcome = execute(&inner.runtime, job).await;
+        if let Some(log) = &inner.executions {
+            let result = match &outcome {
+                Outcome::Completed(_) => "completed",
+                Outcome::Failed {
+                    retryable: true, ..
+                } => "retryable",
+                Outcome::Failed { .. } => "failed",
+            };
+            log.record(&command_id, &session_id, action.as_str(), result);
+        }
         let (msg, outbound) = {
             let mut state = lock(&inner.state);
             // The entry cannot have been evicted: only Done entries are, and this one

@@ -27,6 +27,7 @@ mod agent;
 pub mod backoff;
 pub mod config;
 mod error;
+pub mod executions;
 mod executor;
 pub mod runtime;
 pub mod serve_session;

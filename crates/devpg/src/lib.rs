@@ -100,6 +100,8 @@ pub struct PgCluster {
     port: u16,
     postgres: Option<Child>,
     watchdog: Option<Child>,
+    /// What it was started with, to start it again after [`PgCluster::crash`].
+    restart: Option<(Binaries, RunAs, ClusterOptions)>,
 }
 
 /// The server binaries of one installation.
@@ -227,6 +229,7 @@ impl PgCluster {
             port: 0,
             postgres: None,
             watchdog: None,
+            restart: Some((bins.clone(), run_as, options.clone())),
         };
         let data = cluster.data_dir();
         if !data.join("PG_VERSION").is_file() {
@@ -393,6 +396,37 @@ impl PgCluster {
     /// The server's log file.
     pub fn log_path(&self) -> PathBuf {
         self.root.join("postgres.log")
+    }
+
+    /// Crashes the server the way `pg_ctl stop -m immediate` does (SIGQUIT: no checkpoint,
+    /// every connection dropped, crash recovery on the next start) and waits until it is
+    /// gone. The data directory stays; [`PgCluster::restart`] brings it back.
+    pub fn crash(&mut self) {
+        self.kill_watchdog();
+        if let Some(mut child) = self.postgres.take() {
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGQUIT);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while matches!(child.try_wait(), Ok(None)) {
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same port and data (after [`PgCluster::crash`]);
+    /// returns once it accepts connections, crash recovery done.
+    pub fn restart(&mut self) -> Result<()> {
+        if self.postgres.is_some() {
+            return Ok(());
+        }
+        let (bins, run_as, options) = self.restart.clone().ok_or(Error::NotInstalled)?;
+        let port = self.port;
+        self.spawn(&bins, run_as, port, &options)
     }
 
     /// Fast shutdown (SIGINT), waiting for the server to exit; then removes a temporary

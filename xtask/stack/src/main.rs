@@ -36,6 +36,21 @@ enum Flags {
         #[arg(long, default_value = "target/bench/queue.json")]
         out: PathBuf,
     },
+    /// Faults under a steady workload, every operation accounted for.
+    Chaos {
+        #[arg(long)]
+        scenario: Option<String>,
+        #[arg(long)]
+        seed: Option<u64>,
+        #[arg(long)]
+        commands: Option<usize>,
+        #[arg(long, value_enum, default_value = "full")]
+        profile: Profile,
+        #[arg(long)]
+        verbose: bool,
+        #[arg(long, default_value = "target/chaos/report.json")]
+        report: PathBuf,
+    },
     /// Run the end-to-end scenarios.
     E2e {
         /// Run only this scenario (e.g. 3.2-command-retry).
@@ -82,6 +97,28 @@ async fn main() -> anyhow::Result<()> {
                 batch,
             };
             streamspace_stack::bench::run(opts, &out).await
+        }
+        Flags::Chaos {
+            scenario,
+            seed,
+            commands,
+            profile,
+            verbose,
+            report,
+        } => {
+            let opts = streamspace_stack::chaos::ChaosOptions {
+                scenario,
+                seed,
+                commands,
+                profile,
+                report,
+                echo: verbose,
+            };
+            if streamspace_stack::chaos::run(opts).await? {
+                Ok(())
+            } else {
+                std::process::exit(1)
+            }
         }
         Flags::E2e {
             scenario,

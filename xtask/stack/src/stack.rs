@@ -46,6 +46,34 @@ pub struct StackOptions {
     /// Prefer the services' documented default ports (REST 8080, gRPC 9090, dispatcher
     /// 7001) when free; e2e runs use any free ports.
     pub default_ports: bool,
+    /// The services' database URL when it differs from `database_url` (which the stack's
+    /// own pool uses), e.g. through a fault proxy.
+    pub service_database_url: Option<String>,
+    /// Extra `STREAMSPACE_*` settings for the gateway.
+    pub gateway_env: Vec<(String, String)>,
+    /// Put a loopback proxy between each agent and its dispatcher (to partition or cut
+    /// them); the proxy is `AgentProc::proxy`.
+    pub agent_proxies: bool,
+}
+
+impl StackOptions {
+    /// What e2e scenarios use: free ports, a gateway, nothing extra.
+    pub fn new(database_url: String, run_dir: PathBuf, dispatchers: usize, agents: usize) -> Self {
+        Self {
+            database_url,
+            run_dir,
+            dispatchers,
+            agents,
+            gateway: true,
+            echo: false,
+            dispatcher_env: vec![],
+            agent_env: vec![],
+            default_ports: false,
+            service_database_url: None,
+            gateway_env: vec![],
+            agent_proxies: false,
+        }
+    }
 }
 
 /// One agent of the stack.
@@ -61,6 +89,8 @@ pub struct AgentProc {
     /// The agent's connection epoch when its current process was spawned.
     pub epoch_at_spawn: i64,
     pub proc: Option<Supervised>,
+    /// With `StackOptions::agent_proxies`: the proxy it dials its dispatcher through.
+    pub proxy: Option<crate::proxy::Proxy>,
 }
 
 #[derive(Debug)]
@@ -137,14 +167,23 @@ impl Stack {
             let credential = register_agent(&stack.pool, &agent_id).await?;
             let state_dir = stack.options.run_dir.join("agents").join(&agent_id);
             let dispatcher = i % stack.dispatchers.len().max(1);
+            let proxy = if stack.options.agent_proxies {
+                Some(crate::proxy::Proxy::start(stack.dispatchers[dispatcher].port).await?)
+            } else {
+                None
+            };
+            let url_override = proxy
+                .as_ref()
+                .map(|p| format!("http://127.0.0.1:{}", p.port));
             stack.agents.push(AgentProc {
                 agent_id,
                 credential,
                 state_dir,
                 dispatcher,
-                url_override: None,
+                url_override,
                 epoch_at_spawn: 0,
                 proc: None,
+                proxy,
             });
             stack.start_agent(i).await?;
         }
@@ -159,7 +198,10 @@ impl Stack {
     fn database_env(&self) -> Vec<(String, String)> {
         vec![(
             "STREAMSPACE_DATABASE__URL".into(),
-            self.options.database_url.clone(),
+            self.options
+                .service_database_url
+                .clone()
+                .unwrap_or_else(|| self.options.database_url.clone()),
         )]
     }
 
@@ -270,10 +312,24 @@ impl Stack {
             .is_some_and(|a| a.online))
     }
 
-    async fn start_gateway(&mut self) -> anyhow::Result<()> {
+    /// SIGKILLs the gateway and waits until it is gone.
+    pub async fn kill_gateway(&mut self) {
+        if let Some(mut p) = self.gateway.as_mut().and_then(|g| g.proc.take()) {
+            p.kill().await;
+        }
+    }
+
+    /// (Re)starts the gateway — on its earlier ports when it ran before — and waits
+    /// until it accepts connections.
+    pub async fn start_gateway(&mut self) -> anyhow::Result<()> {
         let colour = self.next_colour();
-        let http_port = port(self.options.default_ports, 8080)?;
-        let grpc_port = port(self.options.default_ports, 9090)?;
+        let (http_port, grpc_port) = match &self.gateway {
+            Some(g) => (g.http_port, g.grpc_port),
+            None => (
+                port(self.options.default_ports, 8080)?,
+                port(self.options.default_ports, 9090)?,
+            ),
+        };
         let mut env = self.gateway_env();
         env.push((
             "STREAMSPACE_HTTP__LISTEN".into(),
@@ -353,6 +409,7 @@ impl Stack {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string())),
         );
+        env.extend(self.options.gateway_env.iter().cloned());
         env
     }
 

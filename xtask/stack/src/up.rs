@@ -47,15 +47,14 @@ pub async fn run(opts: UpOptions) -> anyhow::Result<()> {
     );
 
     let mut stack = Stack::start(StackOptions {
-        database_url: cluster.url("postgres"),
-        run_dir: dir.join("run"),
-        dispatchers: opts.dispatchers.max(1),
-        agents: opts.agents,
-        gateway: true,
         echo: true,
-        dispatcher_env: vec![],
-        agent_env: vec![],
         default_ports: true,
+        ..StackOptions::new(
+            cluster.url("postgres"),
+            dir.join("run"),
+            opts.dispatchers.max(1),
+            opts.agents,
+        )
     })
     .await?;
     let user = stack.mint_token("dev", false).await?;

@@ -3,7 +3,8 @@
 //! out during a reconnect, a start that fails once. Calls that are not failed go to the
 //! wrapped runtime unchanged, so effects stay real.
 //!
-//! Not for production: nothing in the agent's configuration builds one.
+//! Not for production: only the agent's `fault_injection` setting (chaos runs) builds
+//! one, and the agent then logs a warning at start-up.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -667,7 +667,31 @@ impl Inner {
             .try_clone()
             .map_err(|e| RuntimeError::retryable(format!("opening {}: {e}", log_path.display())))?;
         let program = expand(&template.program);
-        let mut command = Command::new(&program);
+        if resolve_program(&program).is_none() {
+            return Err(RuntimeError::permanent(format!(
+                "cannot start {program:?} for template {template_name:?}: not found or not executable"
+            )));
+        }
+        // Its own POSIX session, not only its own group: when the agent dies, a group
+        // whose parent is in the same session becomes orphaned, and the kernel sends
+        // SIGHUP + SIGCONT to an orphaned group with a stopped member — every hibernated
+        // session would die (found by `cargo xtask chaos --scenario agent-kill`). A group
+        // in a session of its own is orphaned from birth and gets no such signal.
+        // `setsid(1)` execs in place (the child is not a group leader), so the pid stays
+        // the session's. Without it, a process group is the fallback.
+        let setsid = resolve_program("setsid");
+        let mut command = match &setsid {
+            Some(setsid) => {
+                let mut c = Command::new(setsid);
+                c.arg(&program);
+                c
+            }
+            None => {
+                let mut c = Command::new(&program);
+                c.process_group(0);
+                c
+            }
+        };
         command
             .args(template.args.iter().map(|a| expand(a)))
             .envs(template.env.iter().map(|(k, v)| (k, expand(v))))
@@ -677,9 +701,8 @@ impl Inner {
             .stdin(Stdio::null())
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(log_err))
-            // Its own group: Ctrl-C on the agent's terminal and an agent crash leave it
-            // running, and stop can signal every process it started at once.
-            .process_group(0)
+            // Its own group (and session): Ctrl-C on the agent's terminal and an agent
+            // crash leave it running, and stop can signal every process it started at once.
             .kill_on_drop(false);
         let child = command.spawn().map_err(|e| {
             let message = format!("cannot start {program:?} for template {template_name:?}: {e}");
@@ -1037,6 +1060,24 @@ async fn poll_until_mut(
     mut done: impl FnMut(&mut Session) -> bool,
 ) -> bool {
     poll_until(timeout, || done(session)).await
+}
+
+/// `program` as it would be executed: a path that names an executable file, or the first
+/// executable of that name on `PATH`.
+fn resolve_program(program: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let executable = |p: &Path| {
+        fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if program.contains('/') {
+        let p = PathBuf::from(program);
+        return executable(&p).then_some(p);
+    }
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|dir| dir.join(program))
+        .find(|p| executable(p))
 }
 
 #[cfg(test)]

@@ -55,15 +55,14 @@ impl Ctx {
         agent_env: Vec<(String, String)>,
     ) -> anyhow::Result<Stack> {
         Stack::start(StackOptions {
-            database_url: self.database_url.clone(),
-            run_dir: self.run_dir.clone(),
-            dispatchers,
-            agents,
-            gateway: true,
             echo: self.echo,
-            dispatcher_env: vec![],
             agent_env,
-            default_ports: false,
+            ..StackOptions::new(
+                self.database_url.clone(),
+                self.run_dir.clone(),
+                dispatchers,
+                agents,
+            )
         })
         .await
     }
