@@ -72,7 +72,7 @@ pub struct ChaosFlags {
     /// Replays the fault schedule of an earlier run.
     #[arg(long)]
     pub seed: Option<u64>,
-    /// Accepted commands to aim for per scenario (default: 150 quick, 10000 full).
+    /// Accepted commands to aim for per scenario (default: 240 quick, 10000 full).
     #[arg(long)]
     pub commands: Option<usize>,
     /// `quick` (CI) or `full`.

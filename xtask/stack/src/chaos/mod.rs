@@ -55,7 +55,7 @@ const LEASE: Duration = Duration::from_millis(2_000);
 pub struct ChaosOptions {
     pub scenario: Option<String>,
     pub seed: Option<u64>,
-    /// Accepted-command target per scenario (default: 150 quick, 10,000 full).
+    /// Accepted-command target per scenario (default: 240 quick, 10,000 full).
     pub commands: Option<usize>,
     pub profile: Profile,
     pub report: PathBuf,
@@ -110,7 +110,7 @@ pub async fn run(opts: ChaosOptions) -> anyhow::Result<bool> {
         );
     }
     let commands = opts.commands.unwrap_or(match opts.profile {
-        Profile::Quick => 150,
+        Profile::Quick => 240,
         Profile::Full => 10_000,
     });
     eprintln!("chaos: seed {seed}, {commands} commands per scenario (replay with --seed {seed})");
