@@ -247,6 +247,18 @@ pub async fn check(
             .entry((e.session_id.as_str(), e.effect.as_str()))
             .or_default() += 1;
     }
+    // A start interrupted by an agent crash is undone by the next agent process (it kills
+    // the half-started session, `reason=abandoned-start`) before anyone was told of it;
+    // the redelivered start then runs cleanly. That spawn and its kill cancel out.
+    for e in &ev.effects {
+        if e.effect == "kill" && e.detail.contains("reason=abandoned-start") {
+            for kind in ["spawn", "kill"] {
+                if let Some(n) = effects.get_mut(&(e.session_id.as_str(), kind)) {
+                    *n = n.saturating_sub(1);
+                }
+            }
+        }
+    }
     for ((session, effect), n) in &effects {
         let allowed = match *effect {
             "spawn" | "kill" => 1,
