@@ -50,26 +50,27 @@ impl DbHealth {
         let mut conn: Option<PgConnection> = None;
         loop {
             ticker.tick().await;
+            // The connection is taken for the probe and given back only when it answered;
+            // one that failed or timed out is dropped (closed), not reused.
             let probe = async {
-                if conn.is_none() {
-                    conn = Some(PgConnection::connect_with(&options).await?);
-                }
-                let c = conn.as_mut().expect("connected above");
-                db::probe_writable(c).await.map_err(|e| match e {
+                let mut c = match conn.take() {
+                    Some(c) => c,
+                    None => PgConnection::connect_with(&options).await?,
+                };
+                let writable = db::probe_writable(&mut c).await.map_err(|e| match e {
                     streamspace_core::Error::Database(e) => e,
                     other => sqlx::Error::Protocol(other.to_string()),
-                })
+                })?;
+                Ok::<_, sqlx::Error>((writable, c))
             };
             let error = match tokio::time::timeout(interval, probe).await {
-                Ok(Ok(true)) => None,
-                Ok(Ok(false)) => Some("the database is in recovery (read-only)".to_owned()),
+                Ok(Ok((writable, c))) => {
+                    conn = Some(c);
+                    (!writable).then(|| "the database is in recovery (read-only)".to_owned())
+                }
                 Ok(Err(e)) => Some(e.to_string()),
                 Err(_) => Some(format!("no answer within {interval:?}")),
             };
-            if error.is_some() {
-                // Closed, not reused: it may still owe an answer.
-                conn = None;
-            }
             match error {
                 None => {
                     failures = 0;
