@@ -68,6 +68,24 @@ pub(crate) fn group_members(pgid: i32) -> Vec<(i32, ProcStat)> {
         .collect()
 }
 
+/// Live processes (zombies excluded) whose environment has `key=value`, with their stat.
+/// Processes of other users are skipped (their environment is unreadable).
+pub(crate) fn processes_with_env(key: &str, value: &str) -> Vec<(i32, ProcStat)> {
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let wanted = format!("{key}={value}");
+    entries
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            fs::read(format!("/proc/{pid}/environ"))
+                .is_ok_and(|raw| raw.split(|b| *b == 0).any(|var| var == wanted.as_bytes()))
+        })
+        .filter_map(|pid| Some((pid, stat(pid)?)))
+        .filter(|(_, st)| st.is_running_anything())
+        .collect()
+}
+
 /// Whether `pid` is still the process that was recorded: alive, not a zombie, and (when
 /// known) started at the recorded time, so a recycled pid is not mistaken for the session.
 pub(crate) fn is_same_live_process(pid: i32, start_ticks: Option<u64>) -> bool {

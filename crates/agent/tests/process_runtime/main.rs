@@ -289,3 +289,68 @@ async fn a_start_whose_process_dies_reports_its_exit_and_output() {
     assert!(err.message.contains("boom: no display"), "{}", err.message);
     assert!(!dir.record_exists("s-boom"));
 }
+
+/// An agent that dies after spawning a session but before recording it must not leave an
+/// unowned process that a redelivered start then doubles (found by `cargo xtask chaos
+/// --scenario agent-kill`). The window is held open on purpose: the record's temporary
+/// file is a FIFO, so the first runtime blocks writing it with the process already
+/// spawned — as if it had been SIGKILLed right there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn regression_spawned_but_unrecorded_session_is_killed_after_restart() {
+    let dir = StateDir::new();
+    let sessions = dir.path().join("sessions");
+    std::fs::create_dir_all(&sessions).unwrap();
+    let fifo = sessions.join("s-torn.json.tmp");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+
+    let first = dir.runtime(catalog()).await;
+    let stuck = tokio::spawn(async move {
+        let _ = first.start("s-torn", &start("firefox-browser")).await;
+    });
+    eventually("the first runtime spawned the session", || {
+        !processes_mentioning("s-torn").is_empty()
+    })
+    .await;
+    let orphans = processes_mentioning("s-torn");
+    for pid in &orphans {
+        dir.track(*pid);
+    }
+    assert!(
+        !dir.record_exists("s-torn"),
+        "the crash window: no record yet"
+    );
+
+    // The agent restarts over the same state directory.
+    let second = dir.runtime(catalog()).await;
+    eventually("the half-started process is killed", || {
+        orphans.iter().all(|pid| {
+            // A zombie of this test process (the first runtime's child) runs nothing.
+            proc_stat(*pid).is_none_or(|(state, _)| state == 'Z')
+        })
+    })
+    .await;
+    assert!(second.list().await.unwrap().is_empty());
+    assert_eq!(dir.journal_count("kill", "s-torn"), 1);
+
+    // Let the first runtime out of its window: it writes its record into the FIFO (read
+    // here), fails to find its process alive, and forgets the session.
+    let drained = tokio::task::spawn_blocking(move || {
+        let mut sink = Vec::new();
+        std::fs::File::open(&fifo).and_then(|mut f| std::io::Read::read_to_end(&mut f, &mut sink))
+    });
+    drained.await.unwrap().unwrap();
+    tokio::time::timeout(DEADLINE, stuck)
+        .await
+        .unwrap()
+        .unwrap();
+
+    // The redelivered start runs the session exactly once.
+    let (_, pid) = started(&dir, &second, "s-torn", "firefox-browser").await;
+    assert_eq!(processes_mentioning("s-torn"), [pid]);
+    assert_eq!(dir.journal_count("kill", "s-torn"), 1);
+    second
+        .stop("s-torn", &StopSession::default())
+        .await
+        .unwrap();
+    assert!(processes_mentioning("s-torn").is_empty());
+}

@@ -44,8 +44,6 @@ pub const SCENARIOS: &[(&str, &[Fault])] = &[
     ("mixed", &Fault::ALL),
 ];
 
-/// Hibernate/wake requests per session: a session is create + toggles + delete.
-const TOGGLES: usize = 4;
 /// Users of the workload; even ones speak REST, odd ones gRPC.
 const USERS: usize = 6;
 /// The dispatchers' lease in chaos runs (short, so rescues happen within a run).
@@ -281,15 +279,19 @@ async fn run_one(
         lease: LEASE,
     };
 
-    // Three sessions in four are deleted at the end: (3·(2+T) + (1+T)) / 4 commands each.
-    let sessions = (commands * 4).div_ceil(4 * (TOGGLES + 2) - 1);
+    // Per session: create, toggles, and (unless it is one of the sessions kept running)
+    // delete. The full profile gives each session a longer life and keeps fewer alive at
+    // the end: live sessions are processes on this machine, and hundreds of them slow
+    // every agent down without testing anything new.
+    let (toggles, keep_every, parallel) = match profile {
+        Profile::Quick => (4, 4, 12),
+        Profile::Full => (8, 10, 32),
+    };
     let shape = Shape {
-        sessions,
-        toggles: TOGGLES,
-        parallel: match profile {
-            Profile::Quick => 12,
-            Profile::Full => 32,
-        },
+        sessions: workload::sessions_for(commands, toggles, keep_every),
+        toggles,
+        keep_every,
+        parallel,
     };
     let history = Arc::new(History::default());
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -355,7 +357,7 @@ async fn run_one(
         duration_s: started.elapsed().as_secs_f64(),
         workload_s,
         settle_s,
-        sessions,
+        sessions: shape.sessions,
         counters,
         faults: fault_log,
         histories,

@@ -312,8 +312,18 @@ pub struct Shape {
     pub sessions: usize,
     /// Hibernate/wake requests per session between its create and its delete.
     pub toggles: usize,
+    /// Every `keep_every`-th session is left running at the end (the others are deleted),
+    /// so the final check compares live sessions with their processes, not only ended ones.
+    pub keep_every: usize,
     /// Sessions driven at once.
     pub parallel: usize,
+}
+
+/// Sessions needed for about `commands` requests: a deleted session makes `toggles + 2`,
+/// a kept one `toggles + 1`.
+pub fn sessions_for(commands: usize, toggles: usize, keep_every: usize) -> usize {
+    let keep_every = keep_every.max(1);
+    (commands * keep_every).div_ceil(keep_every * (toggles + 2) - 1)
 }
 
 /// Runs the workload to the end; `clients` are the users' clients.
@@ -336,9 +346,7 @@ pub async fn run(clients: Vec<(String, Client)>, shape: Shape, seed: u64, histor
                 let (user, client) = &clients[n % clients.len()];
                 // A little jitter, so requests do not march in lockstep.
                 tokio::time::sleep(Duration::from_millis(rng.random_range(0..20))).await;
-                // One session in four is left running: the final check compares live
-                // sessions with their processes, not only ended ones.
-                let delete = n % 4 != 3;
+                let delete = n % shape.keep_every != shape.keep_every - 1;
                 session_life(user, client, shape.toggles, delete, started, &history).await;
             }
         }));

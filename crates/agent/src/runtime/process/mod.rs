@@ -16,14 +16,24 @@
 //!
 //! A new `ProcessRuntime` over the same state directory **adopts** the sessions whose
 //! recorded process still lives (same pid, same start time, session id in its command
-//! line) and deletes the records of the others. Every real effect is appended to the
-//! [`journal`](super::journal).
+//! line) and deletes the records of the others; a start it interrupted between spawn and
+//! record is finished off through the spawn intent ([`spawn`]). Every real effect is
+//! appended to the [`journal`](super::journal).
+//!
+//! Modules: [`catalog`] (templates and settings), [`spawn`] (spawning and the on-disk
+//! record), [`adopt`] (what a restarted agent finds); this file holds the runtime's
+//! operations, the per-session slots and the liveness monitor.
+
+mod adopt;
+mod catalog;
+mod spawn;
+
+pub use catalog::{Catalog, ProcessRuntimeConfig, Template, default_agent_exe};
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
 use std::io::{self, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
@@ -32,7 +42,7 @@ use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 use streamspace_core::command::{HibernateSession, StartSession, StopSession, WakeSession};
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 use tokio::sync::{OwnedMutexGuard, broadcast};
 use tokio::time::Instant;
 
@@ -59,164 +69,6 @@ const SIGNAL_SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
 const OUTPUT_TAIL_LINES: usize = 5;
 /// Events buffered for slow subscribers before they lag (and fall back to heartbeats).
 const EVENT_BUFFER: usize = 256;
-
-/// How to start one kind of session.
-///
-/// `program`, `args` and `env` values may use `{session}` (the session id), `{port}` (the
-/// TCP port the session must listen on, on 127.0.0.1) and `{agent}` (the executable that
-/// provides `serve-session`, normally the agent itself). The session also gets
-/// `STREAMSPACE_SESSION_ID` and `STREAMSPACE_SESSION_PORT` in its environment.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct Template {
-    pub program: String,
-    #[serde(default)]
-    pub args: Vec<String>,
-    #[serde(default)]
-    pub env: BTreeMap<String, String>,
-    /// How long after spawning (or waking) the port must accept connections.
-    #[serde(default = "default_ready_timeout_ms")]
-    pub ready_timeout_ms: u64,
-}
-
-fn default_ready_timeout_ms() -> u64 {
-    DEFAULT_READY_TIMEOUT_MS
-}
-
-impl Template {
-    /// The agent's own tiny HTTP server, which needs nothing installed on the machine.
-    pub fn serve_session() -> Self {
-        Self {
-            program: "{agent}".into(),
-            args: [
-                "serve-session",
-                "--session",
-                "{session}",
-                "--port",
-                "{port}",
-            ]
-            .map(String::from)
-            .into(),
-            env: BTreeMap::new(),
-            ready_timeout_ms: DEFAULT_READY_TIMEOUT_MS,
-        }
-    }
-
-    /// Checks what the runtime relies on: the session id appears in the command line
-    /// (that is how a restarted agent recognises its processes), and the port is passed on
-    /// somehow (through an argument, or the environment variable).
-    fn validate(&self, name: &str) -> Result<(), Error> {
-        if !self.args.iter().any(|a| a.contains("{session}")) && !self.program.contains("{session}")
-        {
-            return Err(Error::Config(format!(
-                "template {name:?}: its command line must contain {{session}} so a restarted agent can recognise the process"
-            )));
-        }
-        if self.program.is_empty() {
-            return Err(Error::Config(format!("template {name:?}: empty program")));
-        }
-        if self.ready_timeout_ms == 0 {
-            return Err(Error::Config(format!(
-                "template {name:?}: ready_timeout_ms must be positive"
-            )));
-        }
-        Ok(())
-    }
-}
-
-/// The templates a [`ProcessRuntime`] can start, by name.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Catalog(BTreeMap<String, Template>);
-
-impl Default for Catalog {
-    /// `firefox-browser`, `chrome-browser` and `desktop-xfce`, each running
-    /// [`Template::serve_session`] so they work on a bare machine.
-    fn default() -> Self {
-        Self(
-            DEFAULT_TEMPLATES
-                .into_iter()
-                .map(|name| (name.to_owned(), Template::serve_session()))
-                .collect(),
-        )
-    }
-}
-
-impl Catalog {
-    pub fn empty() -> Self {
-        Self(BTreeMap::new())
-    }
-
-    /// Adds `template` under `name`, replacing any template of that name.
-    pub fn with(mut self, name: impl Into<String>, template: Template) -> Self {
-        self.0.insert(name.into(), template);
-        self
-    }
-
-    /// The default catalog with `overrides` added or replacing same-named templates.
-    pub fn default_with(overrides: BTreeMap<String, Template>) -> Self {
-        let mut catalog = Self::default();
-        catalog.0.extend(overrides);
-        catalog
-    }
-
-    pub fn get(&self, name: &str) -> Option<&Template> {
-        self.0.get(name)
-    }
-
-    pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.0.keys().map(String::as_str)
-    }
-}
-
-/// Settings of a [`ProcessRuntime`].
-#[derive(Clone, Debug)]
-pub struct ProcessRuntimeConfig {
-    /// Holds `sessions/` (records and output) and `journal.log`.
-    pub state_dir: PathBuf,
-    pub catalog: Catalog,
-    /// Substituted for `{agent}` in templates: the executable providing `serve-session`.
-    pub agent_exe: PathBuf,
-    /// Between SIGTERM and SIGKILL on stop.
-    pub stop_grace: Duration,
-    pub monitor_interval: Duration,
-    /// Host name put in session URLs (sessions listen on 127.0.0.1).
-    pub advertise_host: String,
-}
-
-impl ProcessRuntimeConfig {
-    /// Defaults for everything but the state directory.
-    pub fn new(state_dir: impl Into<PathBuf>) -> Self {
-        Self {
-            state_dir: state_dir.into(),
-            catalog: Catalog::default(),
-            agent_exe: default_agent_exe(),
-            stop_grace: DEFAULT_STOP_GRACE,
-            monitor_interval: DEFAULT_MONITOR_INTERVAL,
-            advertise_host: "127.0.0.1".into(),
-        }
-    }
-}
-
-/// The executable that provides `serve-session`: this one when it is the agent; otherwise
-/// (a test harness embedding the agent library) the `streamspace-agent` binary that cargo
-/// built next to it, so in-process tests of other crates get working default templates.
-pub fn default_agent_exe() -> PathBuf {
-    let current = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("streamspace-agent"));
-    let is_agent = current
-        .file_stem()
-        .is_some_and(|stem| stem == "streamspace-agent");
-    if is_agent {
-        return current;
-    }
-    // Test binaries live in target/<profile>/deps/, binaries in target/<profile>/.
-    let candidates = [current.parent(), current.parent().and_then(Path::parent)];
-    let built = candidates
-        .into_iter()
-        .flatten()
-        .map(|dir| dir.join("streamspace-agent"))
-        .find(|path| path.is_file());
-    built.unwrap_or(current)
-}
 
 /// What is recorded on disk per session, so a restarted agent can find it again.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -593,170 +445,6 @@ impl Inner {
         }
     }
 
-    fn record_path(&self, session_id: &str) -> PathBuf {
-        self.sessions_dir.join(format!("{session_id}.json"))
-    }
-
-    fn log_path(&self, session_id: &str) -> PathBuf {
-        self.sessions_dir.join(format!("{session_id}.log"))
-    }
-
-    /// Writes the record atomically (temporary file, then rename), so a crash never
-    /// leaves a half-written record for the next agent to misread.
-    fn write_record(&self, record: &SessionRecord) -> Result<(), RuntimeError> {
-        let path = self.record_path(&record.session_id);
-        let tmp = path.with_extension("json.tmp");
-        let json = serde_json::to_vec_pretty(record)
-            .map_err(|e| RuntimeError::retryable(format!("encoding session record: {e}")))?;
-        fs::write(&tmp, json)
-            .and_then(|()| fs::rename(&tmp, &path))
-            .map_err(|e| RuntimeError::retryable(format!("writing {}: {e}", path.display())))
-    }
-
-    /// A port for a new session: free right now, and not given to another live session.
-    /// Another program may still take it before the session binds it; the session then
-    /// fails to start, and the retryable failure sends the command round again.
-    fn allocate_port(&self) -> Result<u16, RuntimeError> {
-        let mut ports = lock(&self.ports);
-        for _ in 0..16 {
-            let port = std::net::TcpListener::bind(("127.0.0.1", 0))
-                .and_then(|l| l.local_addr())
-                .map_err(|e| RuntimeError::retryable(format!("cannot find a free port: {e}")))?
-                .port();
-            if ports.insert(port) {
-                return Ok(port);
-            }
-        }
-        Err(RuntimeError::retryable("cannot find a free port"))
-    }
-
-    fn spawn(
-        &self,
-        session_id: &str,
-        template_name: &str,
-        template: &Template,
-        spec: &StartSession,
-    ) -> Result<Session, RuntimeError> {
-        let port = self.allocate_port()?;
-        let result = self.spawn_on(session_id, template_name, template, spec, port);
-        if result.is_err() {
-            lock(&self.ports).remove(&port);
-        }
-        result
-    }
-
-    fn spawn_on(
-        &self,
-        session_id: &str,
-        template_name: &str,
-        template: &Template,
-        spec: &StartSession,
-        port: u16,
-    ) -> Result<Session, RuntimeError> {
-        let agent = self.config.agent_exe.display().to_string();
-        let expand = |s: &str| {
-            s.replace("{session}", session_id)
-                .replace("{port}", &port.to_string())
-                .replace("{agent}", &agent)
-        };
-        let log_path = self.log_path(session_id);
-        let log = fs::File::create(&log_path).map_err(|e| {
-            RuntimeError::retryable(format!("creating {}: {e}", log_path.display()))
-        })?;
-        let log_err = log
-            .try_clone()
-            .map_err(|e| RuntimeError::retryable(format!("opening {}: {e}", log_path.display())))?;
-        let program = expand(&template.program);
-        if resolve_program(&program).is_none() {
-            return Err(RuntimeError::permanent(format!(
-                "cannot start {program:?} for template {template_name:?}: not found or not executable"
-            )));
-        }
-        // Its own POSIX session, not only its own group: when the agent dies, a group
-        // whose parent is in the same session becomes orphaned, and the kernel sends
-        // SIGHUP + SIGCONT to an orphaned group with a stopped member — every hibernated
-        // session would die (found by `cargo xtask chaos --scenario agent-kill`). A group
-        // in a session of its own is orphaned from birth and gets no such signal.
-        // `setsid(1)` execs in place (the child is not a group leader), so the pid stays
-        // the session's. Without it, a process group is the fallback.
-        let setsid = resolve_program("setsid");
-        let mut command = match &setsid {
-            Some(setsid) => {
-                let mut c = Command::new(setsid);
-                c.arg(&program);
-                c
-            }
-            None => {
-                let mut c = Command::new(&program);
-                c.process_group(0);
-                c
-            }
-        };
-        command
-            .args(template.args.iter().map(|a| expand(a)))
-            .envs(template.env.iter().map(|(k, v)| (k, expand(v))))
-            .envs(&spec.env)
-            .env("STREAMSPACE_SESSION_ID", session_id)
-            .env("STREAMSPACE_SESSION_PORT", port.to_string())
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(log))
-            .stderr(Stdio::from(log_err))
-            // Its own group (and session): Ctrl-C on the agent's terminal and an agent
-            // crash leave it running, and stop can signal every process it started at once.
-            .kill_on_drop(false);
-        let child = command.spawn().map_err(|e| {
-            let message = format!("cannot start {program:?} for template {template_name:?}: {e}");
-            match e.kind() {
-                io::ErrorKind::NotFound | io::ErrorKind::PermissionDenied => {
-                    RuntimeError::permanent(message)
-                }
-                _ => RuntimeError::retryable(message),
-            }
-        })?;
-        // A freshly spawned child has not been waited for, so its pid is known.
-        let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) else {
-            return Err(RuntimeError::retryable("spawned process has no pid"));
-        };
-        self.journal.record(
-            Effect::Spawn,
-            session_id,
-            &format!("pid={pid} port={port} template={template_name}"),
-        );
-        let record = SessionRecord {
-            session_id: session_id.to_owned(),
-            pid,
-            port,
-            url: format!("http://{}:{port}/", self.config.advertise_host),
-            template: template_name.to_owned(),
-            state: RecordState::Starting,
-            start_ticks: procfs::stat(pid).map(|st| st.start_ticks),
-            started_unix_ms: super::journal::unix_ms(),
-        };
-        let session = Session {
-            record,
-            child: Some(child),
-        };
-        if let Err(e) = self.write_record(&session.record) {
-            // Unrecorded, it could not be found after a restart: do not leave it running.
-            let _ = killpg(session.pgid(), Signal::SIGKILL);
-            self.journal.record(
-                Effect::Kill,
-                session_id,
-                &format!("pgid={pid} reason=unrecorded"),
-            );
-            lock(&self.ports).remove(&port);
-            return Err(e);
-        }
-        tracing::info!(
-            session_id,
-            pid,
-            port,
-            template = template_name,
-            "session process spawned"
-        );
-        Ok(session)
-    }
-
     /// Waits until a starting (or waking) session accepts connections, then records it as
     /// running. On failure the session is killed and forgotten, and the error says why.
     async fn finish_start(
@@ -879,85 +567,6 @@ impl Inner {
         lines[lines.len().saturating_sub(OUTPUT_TAIL_LINES)..].join(" | ")
     }
 
-    /// Reads the records left by an earlier agent process: adopts sessions whose process
-    /// still lives and is still theirs, and deletes the other records.
-    fn adopt_recorded_sessions(&self) -> Result<(), Error> {
-        let entries =
-            fs::read_dir(&self.sessions_dir).map_err(|e| Error::io(&self.sessions_dir, e))?;
-        for entry in entries.flatten() {
-            let path = entry.path();
-            if path.extension().is_none_or(|ext| ext != "json") {
-                continue;
-            }
-            let record: SessionRecord = match fs::read(&path)
-                .map_err(|e| e.to_string())
-                .and_then(|bytes| serde_json::from_slice(&bytes).map_err(|e| e.to_string()))
-            {
-                Ok(record) => record,
-                Err(e) => {
-                    tracing::warn!(path = %path.display(), error = %e, "deleting unreadable session record");
-                    let _ = fs::remove_file(&path);
-                    continue;
-                }
-            };
-            let session_id = record.session_id.clone();
-            let ours = validate_session_id(&session_id).is_ok()
-                && path.file_stem().is_some_and(|stem| *stem == *session_id)
-                && procfs::is_same_live_process(record.pid, record.start_ticks)
-                && procfs::cmdline(record.pid)
-                    .is_some_and(|argv| argv.iter().any(|a| a.contains(&session_id)));
-            let mut session = Session {
-                record,
-                child: None,
-            };
-            if !ours {
-                tracing::info!(
-                    session_id,
-                    pid = session.record.pid,
-                    "forgetting session whose process is gone"
-                );
-                self.forget(&session);
-                continue;
-            }
-            if session.record.state == RecordState::Starting {
-                // The earlier agent died before this session was ready; nobody was told
-                // about it, and the start command will be redelivered. Start clean.
-                let _ = killpg(session.pgid(), Signal::SIGKILL);
-                self.journal.record(
-                    Effect::Kill,
-                    &session_id,
-                    &format!(
-                        "pgid={} signal=SIGKILL reason=abandoned-start",
-                        session.record.pid
-                    ),
-                );
-                tracing::info!(
-                    session_id,
-                    "killed a session an earlier agent left half-started"
-                );
-                self.forget(&session);
-                continue;
-            }
-            // Believe the processes, not the record: someone may have sent SIGCONT.
-            let stopped = procfs::group_members(session.record.pid)
-                .iter()
-                .all(|(_, st)| st.is_stopped());
-            session.record.state = if stopped {
-                RecordState::Hibernated
-            } else {
-                RecordState::Running
-            };
-            if let Err(e) = self.write_record(&session.record) {
-                tracing::warn!(session_id, error = %e, "cannot update adopted session record");
-            }
-            tracing::info!(session_id, pid = session.record.pid, state = ?session.record.state, "adopted session from an earlier agent");
-            lock(&self.ports).insert(session.record.port);
-            self.publish(session.observation());
-            lock(&self.slots).insert(session_id, Arc::new(tokio::sync::Mutex::new(Some(session))));
-        }
-        Ok(())
-    }
-
     /// One look at every idle session: one whose main process died is cleaned up, forgotten
     /// and reported as `Failed`. Busy slots are skipped; the operation holding them sees
     /// the death itself.
@@ -1062,24 +671,6 @@ async fn poll_until_mut(
     poll_until(timeout, || done(session)).await
 }
 
-/// `program` as it would be executed: a path that names an executable file, or the first
-/// executable of that name on `PATH`.
-fn resolve_program(program: &str) -> Option<PathBuf> {
-    use std::os::unix::fs::PermissionsExt as _;
-    let executable = |p: &Path| {
-        fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-    };
-    if program.contains('/') {
-        let p = PathBuf::from(program);
-        return executable(&p).then_some(p);
-    }
-    std::env::var_os("PATH")
-        .iter()
-        .flat_map(std::env::split_paths)
-        .map(|dir| dir.join(program))
-        .find(|p| executable(p))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1100,21 +691,5 @@ mod tests {
         ] {
             assert!(validate_session_id(bad).is_err(), "{bad:?}");
         }
-    }
-
-    #[test]
-    fn templates_must_name_the_session() {
-        let mut t = Template::serve_session();
-        assert!(t.validate("ok").is_ok());
-        t.args.retain(|a| a != "{session}");
-        let err = t.validate("bad").unwrap_err();
-        assert!(err.to_string().contains("{session}"), "{err}");
-    }
-
-    #[test]
-    fn default_catalog_has_the_documented_templates() {
-        let catalog = Catalog::default();
-        let names: Vec<&str> = catalog.names().collect();
-        assert_eq!(names, ["chrome-browser", "desktop-xfce", "firefox-browser"]);
     }
 }
