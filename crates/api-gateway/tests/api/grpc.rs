@@ -110,9 +110,10 @@ async fn session_operations_and_status_codes_mirror_rest() {
         .await
         .unwrap_err();
     assert_eq!(hidden.code(), Code::NotFound);
+    // A pending session will be running: waking it contradicts that.
     let conflict = client
-        .hibernate_session(authed(
-            pb::HibernateSessionRequest {
+        .wake_session(authed(
+            pb::WakeSessionRequest {
                 id: created.id.clone(),
             },
             &alice,
@@ -377,4 +378,78 @@ async fn reflection_lists_the_services_and_health_reports_serving() {
         status.status,
         tonic_health::pb::health_check_response::ServingStatus::Serving as i32
     );
+}
+
+/// With the agent offline and the start never sent, a user's changes of mind are all
+/// accepted against the intended state, and the stop then cancels every one of them.
+#[tokio::test]
+async fn changes_of_mind_while_the_agent_is_down_are_accepted_then_cancelled_by_a_stop() {
+    let gw = TestGateway::start().await;
+    gw.agent("a-off", "default").await;
+    let mut client = Sessions::new(gw.channel().await);
+    let alice = gw.token("alice");
+    let created = client
+        .create_session(authed(
+            pb::CreateSessionRequest {
+                template: "firefox-browser".into(),
+                cluster: "default".into(),
+                ..Default::default()
+            },
+            &alice,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let id = created.id.clone();
+    let hibernate = || authed(pb::HibernateSessionRequest { id: id.clone() }, &alice);
+    let wake = || authed(pb::WakeSessionRequest { id: id.clone() }, &alice);
+    let mut accepted = vec![created.command_id.clone()];
+    let h = client
+        .hibernate_session(hibernate())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(h.state, "hibernating");
+    accepted.push(h.command_id);
+    let twice = client.hibernate_session(hibernate()).await.unwrap_err();
+    assert_eq!(twice.code(), Code::FailedPrecondition);
+    assert!(twice.message().contains("will be hibernated"), "{twice:?}");
+    let w = client.wake_session(wake()).await.unwrap().into_inner();
+    assert_eq!(w.state, "waking");
+    accepted.push(w.command_id);
+    let h = client
+        .hibernate_session(hibernate())
+        .await
+        .unwrap()
+        .into_inner();
+    accepted.push(h.command_id);
+
+    let stopped = client
+        .delete_session(authed(pb::DeleteSessionRequest { id: id.clone() }, &alice))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stopped.state, "terminated");
+    assert_eq!(stopped.command_id, "", "nothing to send: {stopped:?}");
+    assert_eq!(stopped.cancelled_command_id, created.command_id);
+    let history = client
+        .list_session_commands(authed(
+            pb::ListSessionCommandsRequest {
+                session_id: id.clone(),
+            },
+            &alice,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let shape: Vec<(&str, &str)> = history
+        .commands
+        .iter()
+        .map(|c| (c.command_id.as_str(), c.status.as_str()))
+        .collect();
+    let expected: Vec<(&str, &str)> = accepted.iter().map(|c| (c.as_str(), "cancelled")).collect();
+    assert_eq!(shape, expected);
+    // Terminated is terminal.
+    let after = client.wake_session(wake()).await.unwrap_err();
+    assert_eq!(after.code(), Code::FailedPrecondition);
 }

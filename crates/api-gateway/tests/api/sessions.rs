@@ -3,6 +3,7 @@
 
 use axum::http::{Method, StatusCode};
 use serde_json::json;
+use streamspace_core::queue::Failure;
 
 use crate::helpers::TestGateway;
 
@@ -366,24 +367,140 @@ async fn hibernate_and_wake_follow_the_state_machine_with_409_otherwise() {
         let alice = alice.clone();
         async move { gw.call(Method::PUT, &path, Some(&alice), None, &[]).await }
     };
-    let detail = put("hibernate").await.problem(StatusCode::CONFLICT);
+    // Pending will be running: waking it contradicts that.
+    let detail = put("wake").await.problem(StatusCode::CONFLICT);
     assert!(detail.contains("pending"), "{detail}");
-    put("wake").await.problem(StatusCode::CONFLICT);
 
     gw.deliver("a-1", None).await;
     assert_eq!(gw.session_state(&id).await, "running");
     let h = put("hibernate").await;
     assert_eq!(h.status, StatusCode::ACCEPTED, "{:?}", h.body);
     assert_eq!(h.str("state"), "hibernating");
-    put("hibernate").await.problem(StatusCode::CONFLICT);
+    let detail = put("hibernate").await.problem(StatusCode::CONFLICT);
+    assert!(detail.contains("will be hibernated"), "{detail}");
     assert_eq!(gw.deliver("a-1", None).await, h.str("command_id"));
     assert_eq!(gw.session_state(&id).await, "hibernated");
+    put("hibernate").await.problem(StatusCode::CONFLICT);
 
     let w = put("wake").await;
     assert_eq!(w.status, StatusCode::ACCEPTED, "{:?}", w.body);
     assert_eq!(w.str("state"), "waking");
     gw.deliver("a-1", None).await;
     assert_eq!(gw.session_state(&id).await, "running");
+}
+
+/// The seed's situation with a change of mind: the agent is down, and the user hibernates,
+/// wakes, hibernates and stops a running session. Each is judged against the state the
+/// session will be in once the earlier ones have run, so all are accepted; when the agent
+/// returns they take effect in acceptance order and the session ends terminated.
+#[tokio::test]
+async fn changes_of_mind_while_the_agent_is_down_are_accepted_and_run_in_order() {
+    let gw = TestGateway::start().await;
+    gw.online_agent("a-1", "default").await;
+    let alice = gw.token("alice");
+    let (id, _) = gw.create_ok(&alice).await;
+    gw.deliver("a-1", Some(json!({"session": {"url": "http://s"}})))
+        .await;
+    sqlx::query("UPDATE agents SET connected_owner = NULL WHERE agent_id = 'a-1'")
+        .execute(&gw.pool)
+        .await
+        .unwrap();
+    let call = |method: Method, what: &'static str| {
+        let path = if what.is_empty() {
+            format!("/api/v1/sessions/{id}")
+        } else {
+            format!("/api/v1/sessions/{id}/{what}")
+        };
+        let gw = &gw;
+        let alice = alice.clone();
+        async move { gw.call(method, &path, Some(&alice), None, &[]).await }
+    };
+
+    let mut accepted = Vec::new();
+    for (method, what, state) in [
+        (Method::PUT, "hibernate", "hibernating"),
+        (Method::PUT, "wake", "waking"),
+        (Method::PUT, "hibernate", "hibernating"),
+        (Method::DELETE, "", "terminating"),
+    ] {
+        let a = call(method, what).await;
+        assert_eq!(a.status, StatusCode::ACCEPTED, "{what}: {:?}", a.body);
+        assert_eq!(a.str("state"), state);
+        accepted.push(a.str("command_id"));
+    }
+    // Once stopped, nothing else makes sense.
+    let detail = call(Method::PUT, "wake")
+        .await
+        .problem(StatusCode::CONFLICT);
+    assert!(detail.contains("will be terminated"), "{detail}");
+    call(Method::DELETE, "").await.problem(StatusCode::CONFLICT);
+
+    // The agent returns: the commands are delivered in acceptance order. The session keeps
+    // showing the latest accepted transition until the stop completes.
+    let mut delivered = Vec::new();
+    for _ in &accepted {
+        delivered.push(gw.deliver("a-1", None).await);
+        let state = gw.session_state(&id).await;
+        let expected = if delivered.len() < accepted.len() {
+            "terminating"
+        } else {
+            "terminated"
+        };
+        assert_eq!(state, expected, "after {} deliveries", delivered.len());
+    }
+    assert_eq!(delivered, accepted);
+}
+
+/// A start that fails for good fails the session, even when commands were accepted behind
+/// it; a start that completes behind a later command still records the session's URL.
+#[tokio::test]
+async fn a_start_behind_accepted_commands_still_decides_failure_and_url() {
+    let gw = TestGateway::start().await;
+    gw.online_agent("a-1", "default").await;
+    let alice = gw.token("alice");
+    let hibernate = |id: String| {
+        let gw = &gw;
+        let alice = alice.clone();
+        async move {
+            let a = gw
+                .call(
+                    Method::PUT,
+                    &format!("/api/v1/sessions/{id}/hibernate"),
+                    Some(&alice),
+                    None,
+                    &[],
+                )
+                .await;
+            assert_eq!(a.status, StatusCode::ACCEPTED, "{:?}", a.body);
+        }
+    };
+
+    let (failing, _) = gw.create_ok(&alice).await;
+    hibernate(failing.clone()).await;
+    let lease = gw.claim("a-1").await;
+    gw.queue
+        .command_fail(&[Failure {
+            lease,
+            message: "image not found".into(),
+            retryable: false,
+        }])
+        .await
+        .unwrap();
+    assert_eq!(gw.session_state(&failing).await, "failed");
+    // The hibernate behind it runs out (an agent would fail it: no such session); either
+    // way the session stays failed.
+    gw.deliver("a-1", None).await;
+    assert_eq!(gw.session_state(&failing).await, "failed");
+
+    let (ok, _) = gw.create_ok(&alice).await;
+    hibernate(ok.clone()).await;
+    gw.deliver("a-1", Some(json!({"session": {"url": "http://s-ok"}})))
+        .await;
+    let a = gw.get(&format!("/api/v1/sessions/{ok}"), &alice).await;
+    assert_eq!(
+        (a.str("state"), a.str("url")),
+        ("hibernating".to_owned(), "http://s-ok".to_owned())
+    );
 }
 
 #[tokio::test]

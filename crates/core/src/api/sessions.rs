@@ -260,9 +260,7 @@ pub async fn session_stop(
         }
         _ => {}
     }
-    if state == "pending"
-        && let Some(start) = start_never_sent(conn, id).await?
-    {
+    if let Some(start) = start_never_sent(conn, id).await? {
         // The dispatcher may claim the start between our look and the cancel; the cancel
         // is conditional on `pending`, and when it loses that race we queue a stop below.
         match CommandQueue::command_cancel(
@@ -273,6 +271,16 @@ pub async fn session_stop(
         .await
         {
             Ok(()) => {
+                // Whatever was accepted behind the start waits behind it (per-session
+                // FIFO), so none of it was sent either: it goes with the start.
+                for later in open_commands_after(conn, id, &start).await? {
+                    CommandQueue::command_cancel(
+                        conn,
+                        &later,
+                        "the session was stopped before its start was delivered",
+                    )
+                    .await?;
+                }
                 sqlx::query!(
                     r#"
                     UPDATE sessions
@@ -305,6 +313,65 @@ pub async fn session_stop(
     })
 }
 
+/// The open commands of session `id` accepted after `command`, oldest first.
+async fn open_commands_after(
+    conn: &mut PgConnection,
+    id: &str,
+    command: &CommandId,
+) -> Result<Vec<CommandId>> {
+    let rows = sqlx::query_scalar!(
+        r#"
+        SELECT command_id FROM agent_commands
+        WHERE session_id = $1 AND status IN ('pending', 'sent', 'ack')
+          AND seq > (SELECT seq FROM agent_commands WHERE command_id = $2)
+        ORDER BY seq
+        "#,
+        id,
+        command.as_str(),
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    rows.into_iter()
+        .map(|c| {
+            c.parse()
+                .map_err(|e| Error::InvalidInput(format!("stored command id: {e}")))
+        })
+        .collect()
+}
+
+/// The state session `id` will be in once its accepted commands have run: the target of
+/// its newest open command, or (with none open) the target of its current state. Called
+/// with the session row locked, so no command of the session is accepted meanwhile.
+async fn intended_state(conn: &mut PgConnection, id: &str, state: &str) -> Result<&'static str> {
+    // An ended session stays ended, whatever still runs out behind it.
+    match state {
+        "terminated" => return Ok("terminated"),
+        "failed" => return Ok("failed"),
+        _ => {}
+    }
+    let newest_open = sqlx::query_scalar!(
+        r#"
+        SELECT action FROM agent_commands
+        WHERE session_id = $1 AND status IN ('pending', 'sent', 'ack')
+        ORDER BY seq DESC
+        LIMIT 1
+        "#,
+        id,
+    )
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(match newest_open.as_deref() {
+        Some("start_session" | "wake_session") => "running",
+        Some("hibernate_session") => "hibernated",
+        Some("stop_session") => "terminated",
+        _ => match state {
+            "pending" | "starting" | "running" | "waking" => "running",
+            "hibernating" | "hibernated" => "hibernated",
+            _ => "terminated",
+        },
+    })
+}
+
 /// The session's start command when it is pending and was never handed to an agent.
 async fn start_never_sent(conn: &mut PgConnection, id: &str) -> Result<Option<CommandId>> {
     let row = sqlx::query_scalar!(
@@ -326,7 +393,9 @@ async fn start_never_sent(conn: &mut PgConnection, id: &str) -> Result<Option<Co
     .transpose()
 }
 
-/// `running → hibernating` with a `hibernate_session` for the session's agent.
+/// Hibernates a session that is, or will be once its accepted commands have run,
+/// `running`: queues a `hibernate_session` for the session's agent and marks the session
+/// `hibernating`.
 pub async fn session_hibernate(
     conn: &mut PgConnection,
     user_id: &str,
@@ -345,7 +414,8 @@ pub async fn session_hibernate(
     .await
 }
 
-/// `hibernated → waking` with a `wake_session` for the session's agent.
+/// Wakes a session that is, or will be once its accepted commands have run, `hibernated`:
+/// queues a `wake_session` for the session's agent and marks the session `waking`.
 pub async fn session_wake(
     conn: &mut PgConnection,
     user_id: &str,
@@ -374,9 +444,17 @@ async fn session_change(
     trace_context: Option<String>,
 ) -> Result<CommandId> {
     let (agent_id, state) = session_lock(conn, user_id, id).await?;
-    if state != from {
+    let intended = intended_state(conn, id, &state).await?;
+    if intended != from {
+        let now = if intended == state {
+            format!("session {id} is {state}")
+        } else {
+            format!(
+                "session {id} is {state} and will be {intended} once its accepted commands have run"
+            )
+        };
         return Err(Error::Conflict(format!(
-            "session {id} is {state}; only a {from} session can be sent {}",
+            "{now}; only a session that is (or will be) {from} can be sent {}",
             kind.action()
         )));
     }
