@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::Parser;
 use streamspace_stack::e2e::Profile;
@@ -22,6 +23,14 @@ enum Flags {
         agents: usize,
         #[arg(long, default_value_t = 1)]
         dispatchers: usize,
+        /// First restart delay of a service that exited (doubles per restart).
+        #[arg(long, default_value_t = 1_000)]
+        restart_backoff_ms: u64,
+        /// Restarts within `--crash-loop-window-s` after which `up` gives up.
+        #[arg(long, default_value_t = 5)]
+        crash_loop_restarts: usize,
+        #[arg(long, default_value_t = 60)]
+        crash_loop_window_s: u64,
     },
     /// Measure the queue's throughput (fsync on).
     Bench {
@@ -74,12 +83,22 @@ async fn main() -> anyhow::Result<()> {
             dir,
             agents,
             dispatchers,
+            restart_backoff_ms,
+            crash_loop_restarts,
+            crash_loop_window_s,
         } => {
+            let restart = streamspace_stack::supervisor::RestartPolicy {
+                backoff: Duration::from_millis(restart_backoff_ms),
+                limit: crash_loop_restarts,
+                window: Duration::from_secs(crash_loop_window_s),
+                ..Default::default()
+            };
             streamspace_stack::up::run(streamspace_stack::up::UpOptions {
                 fresh,
                 dir,
                 agents,
                 dispatchers,
+                restart,
             })
             .await
         }

@@ -76,6 +76,24 @@ impl StackOptions {
     }
 }
 
+/// One service of the stack, by role and index.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ServiceId {
+    Dispatcher(usize),
+    Agent(usize),
+    Gateway,
+}
+
+/// A service whose process ended (see [`Stack::reap_exited`]).
+#[derive(Debug)]
+pub struct Exited {
+    pub service: ServiceId,
+    pub name: String,
+    pub status: std::process::ExitStatus,
+    /// Its last lines of output.
+    pub output: String,
+}
+
 /// One agent of the stack.
 #[derive(Debug)]
 pub struct AgentProc {
@@ -224,6 +242,7 @@ impl Stack {
         let port = d.port;
         let mut proc = Supervised::start(spec, colour)?;
         wait_for_port(&mut proc, port).await?;
+        self.write_pid_file(&proc);
         self.dispatchers[i].proc = Some(proc);
         Ok(())
     }
@@ -265,7 +284,9 @@ impl Stack {
             .collect(),
             echo: self.options.echo,
         };
-        self.agents[i].proc = Some(Supervised::start(spec, colour)?);
+        let proc = Supervised::start(spec, colour)?;
+        self.write_pid_file(&proc);
+        self.agents[i].proc = Some(proc);
         Ok(())
     }
 
@@ -348,6 +369,7 @@ impl Stack {
         };
         let mut proc = Supervised::start(spec, colour)?;
         wait_for_port(&mut proc, http_port).await?;
+        self.write_pid_file(&proc);
         self.gateway = Some(GatewayProc {
             http_port,
             grpc_port,
@@ -446,24 +468,79 @@ impl Stack {
         }
     }
 
-    /// A child that exited on its own, with its last lines: the caller reports it.
-    pub fn crashed(&mut self) -> Option<String> {
-        let procs = self
+    /// `<run_dir>/pids/<name>.pid` holds a service's current pid, so a person (or a test)
+    /// can signal it: `kill -9 $(cat …/pids/local-1.pid)`.
+    pub fn pid_file(&self, name: &str) -> PathBuf {
+        self.options
+            .run_dir
+            .join("pids")
+            .join(format!("{name}.pid"))
+    }
+
+    fn write_pid_file(&self, proc: &Supervised) {
+        let Some(pid) = proc.pid() else { return };
+        let path = self.pid_file(&proc.spec.name);
+        let written = path
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|()| std::fs::write(&path, format!("{pid}\n")));
+        if let Err(e) = written {
+            eprintln!("cannot write {}: {e}", path.display());
+        }
+    }
+
+    /// Services whose process has exited since the last look, each reported once (its
+    /// handle is dropped): which one, its name, how it ended, and its last lines.
+    pub async fn reap_exited(&mut self) -> Vec<Exited> {
+        let mut exited = Vec::new();
+        let slots = self
             .dispatchers
             .iter_mut()
-            .filter_map(|d| d.proc.as_mut())
-            .chain(self.agents.iter_mut().filter_map(|a| a.proc.as_mut()))
-            .chain(self.gateway.iter_mut().filter_map(|g| g.proc.as_mut()));
-        for p in procs {
-            if let Some(status) = p.exited() {
-                return Some(format!(
-                    "{} exited with {status}; last lines:\n{}",
-                    p.spec.name,
-                    p.recent_output()
-                ));
+            .enumerate()
+            .map(|(i, d)| (ServiceId::Dispatcher(i), &mut d.proc))
+            .chain(
+                self.agents
+                    .iter_mut()
+                    .enumerate()
+                    .map(|(i, a)| (ServiceId::Agent(i), &mut a.proc)),
+            )
+            .chain(
+                self.gateway
+                    .iter_mut()
+                    .map(|g| (ServiceId::Gateway, &mut g.proc)),
+            );
+        for (service, slot) in slots {
+            let Some(status) = slot.as_mut().and_then(Supervised::exited) else {
+                continue;
+            };
+            if let Some(mut proc) = slot.take() {
+                exited.push(Exited {
+                    service,
+                    name: proc.spec.name.clone(),
+                    status,
+                    output: proc.final_output().await,
+                });
             }
         }
-        None
+        exited
+    }
+
+    /// (Re)starts one service the way the stack first started it.
+    pub async fn restart(&mut self, service: ServiceId) -> anyhow::Result<()> {
+        match service {
+            ServiceId::Dispatcher(i) => self.start_dispatcher(i).await,
+            ServiceId::Agent(i) => self.spawn_agent(i).await,
+            ServiceId::Gateway => self.start_gateway().await,
+        }
+    }
+
+    /// The name a service's logs and pid file go by.
+    pub fn service_name(&self, service: ServiceId) -> String {
+        match service {
+            ServiceId::Dispatcher(i) => self.dispatchers[i].name.clone(),
+            ServiceId::Agent(i) => self.agents[i].agent_id.clone(),
+            ServiceId::Gateway => "api-gateway".into(),
+        }
     }
 
     /// Stops everything in order: agents, gateway, dispatchers (SIGTERM, then SIGKILL),

@@ -163,3 +163,164 @@ async fn pump(
         r.push_back(line);
     }
 }
+
+/// When `up` restarts a service that exited, and when it gives up: exponential backoff
+/// from `backoff` (doubling per restart within `window`, at most `backoff_cap`), and a
+/// crash loop — `limit` restarts within `window` — ends the run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RestartPolicy {
+    pub backoff: Duration,
+    pub backoff_cap: Duration,
+    pub limit: usize,
+    pub window: Duration,
+}
+
+impl Default for RestartPolicy {
+    fn default() -> Self {
+        Self {
+            backoff: Duration::from_secs(1),
+            backoff_cap: Duration::from_secs(30),
+            limit: 5,
+            window: Duration::from_secs(60),
+        }
+    }
+}
+
+/// What to do about a service that just exited.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Restart {
+    /// Restart it after this delay; this is its `number`-th restart since `up` began.
+    After { delay: Duration, number: usize },
+    /// It is crash-looping; the reason says how.
+    GiveUp(String),
+}
+
+/// One service's restarts.
+#[derive(Clone, Debug, Default)]
+pub struct RestartHistory {
+    recent: VecDeque<std::time::Instant>,
+    total: usize,
+}
+
+impl RestartHistory {
+    /// Decides about an exit at `now`, and counts the restart it grants.
+    pub fn on_exit(&mut self, now: std::time::Instant, policy: &RestartPolicy) -> Restart {
+        while self
+            .recent
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > policy.window)
+        {
+            self.recent.pop_front();
+        }
+        if self.recent.len() >= policy.limit {
+            return Restart::GiveUp(format!(
+                "it exited again after {} restarts within {} s",
+                self.recent.len(),
+                policy.window.as_secs()
+            ));
+        }
+        let doublings = u32::try_from(self.recent.len()).unwrap_or(u32::MAX).min(16);
+        let delay = policy
+            .backoff
+            .saturating_mul(1 << doublings)
+            .min(policy.backoff_cap);
+        self.recent.push_back(now);
+        self.total += 1;
+        Restart::After {
+            delay,
+            number: self.total,
+        }
+    }
+}
+
+/// How a process ended, the way a person says it: `SIGKILL`, `exit code 3`.
+pub fn describe_exit(status: std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt as _;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exit code {code}"),
+        (None, Some(sig)) => Signal::try_from(sig)
+            .map(|s| s.as_str().to_owned())
+            .unwrap_or_else(|_| format!("signal {sig}")),
+        (None, None) => status.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use super::*;
+
+    fn policy() -> RestartPolicy {
+        RestartPolicy {
+            backoff: Duration::from_secs(1),
+            backoff_cap: Duration::from_secs(4),
+            limit: 3,
+            window: Duration::from_secs(60),
+        }
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap_then_a_crash_loop_gives_up() {
+        let p = policy();
+        let mut h = RestartHistory::default();
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        assert_eq!(
+            h.on_exit(t0, &p),
+            Restart::After {
+                delay: s(1),
+                number: 1
+            }
+        );
+        assert_eq!(
+            h.on_exit(t0 + s(2), &p),
+            Restart::After {
+                delay: s(2),
+                number: 2
+            }
+        );
+        assert_eq!(
+            h.on_exit(t0 + s(5), &p),
+            Restart::After {
+                delay: s(4),
+                number: 3
+            }
+        );
+        let Restart::GiveUp(why) = h.on_exit(t0 + s(10), &p) else {
+            panic!("a fourth exit within the window is a crash loop");
+        };
+        assert!(why.contains("3 restarts within 60 s"), "{why}");
+    }
+
+    #[test]
+    fn restarts_outside_the_window_are_forgotten() {
+        let p = policy();
+        let mut h = RestartHistory::default();
+        let t0 = Instant::now();
+        for i in 0..3 {
+            h.on_exit(t0 + Duration::from_secs(i), &p);
+        }
+        // A minute of quiet: back to the first backoff, and the count goes on.
+        assert_eq!(
+            h.on_exit(t0 + Duration::from_secs(120), &p),
+            Restart::After {
+                delay: Duration::from_secs(1),
+                number: 4
+            }
+        );
+    }
+
+    #[test]
+    fn exits_are_described_by_signal_or_code() {
+        use std::os::unix::process::ExitStatusExt as _;
+        assert_eq!(
+            describe_exit(std::process::ExitStatus::from_raw(9)),
+            "SIGKILL"
+        );
+        assert_eq!(
+            describe_exit(std::process::ExitStatus::from_raw(3 << 8)),
+            "exit code 3"
+        );
+    }
+}

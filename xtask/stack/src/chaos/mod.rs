@@ -7,8 +7,8 @@
 
 mod checker;
 mod faults;
-mod history;
-mod workload;
+pub(crate) mod history;
+pub(crate) mod workload;
 
 use std::collections::HashMap;
 use std::path::PathBuf;

@@ -238,7 +238,13 @@ impl Client {
 
     /// One logical request: tries under one key until the answer is definite or
     /// [`RETRY_FOR`] passes.
-    async fn request(&self, user: &str, op: Op, session: &str, started: Instant) -> Record {
+    pub(crate) async fn request(
+        &self,
+        user: &str,
+        op: Op,
+        session: &str,
+        started: Instant,
+    ) -> Record {
         let key = uuid::Uuid::new_v4().to_string();
         let at = started.elapsed();
         let t0 = Instant::now();

@@ -2,20 +2,26 @@
 //! follow-ups (a backlog in per-session FIFO order, and a large backlog drained).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use streamspace_core::CommandQueue;
-use streamspace_core::command::{CommandKind, HibernateSession, WakeSession};
-use streamspace_core::queue::NewCommand;
-
 use super::{Ctx, Profile, until, user_api};
+use crate::chaos::history::{Op, Outcome};
+use crate::chaos::workload::Client;
 use crate::report::{ScenarioReport, Target};
-use crate::stack::{Stack, session_pids};
+use crate::stack::{Stack, StackOptions, session_pids};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
 pub async fn run(ctx: &Ctx, r: &mut ScenarioReport) -> anyhow::Result<()> {
-    let mut stack = ctx.stack(1, 1).await?;
+    // One user sends the whole backlog, far faster than a person: the gateway's per-user
+    // rate limit (tested on its own) would refuse most of it.
+    let mut stack = Stack::start(StackOptions {
+        echo: ctx.echo,
+        gateway_env: vec![("STREAMSPACE_RATE_LIMIT__ENABLED".into(), "false".into())],
+        ..StackOptions::new(ctx.database_url.clone(), ctx.run_dir.clone(), 1, 1)
+    })
+    .await?;
     let result = steps(ctx, &mut stack, r).await;
     stack.stop().await;
     result
@@ -172,31 +178,63 @@ async fn backlog_in_order(
     for id in &ids {
         api.wait_state(id, "running", LIMIT).await?;
     }
-    let agent_id = stack.agents[0].agent_id.clone();
+    let token = stack.mint_token("fifo", false).await?;
+    let clients = Arc::new([
+        Client::rest(stack.gateway_url(), token.clone()),
+        Client::grpc(&stack.gateway_grpc_url(), token)?,
+    ]);
 
     for (label, n_sessions, per) in [
         ("FIFO backlog", sessions, per_session),
         ("drain", big_sessions, big_per_session),
     ] {
         stack.kill_agent(0).await;
-        // Alternating hibernate/wake per session: any reordering shows in the journal.
-        let mut cmds = Vec::new();
-        for round in 0..per {
-            for id in &ids[..n_sessions] {
-                let kind = if round % 2 == 0 {
-                    CommandKind::HibernateSession(HibernateSession {})
-                } else {
-                    CommandKind::WakeSession(WakeSession {})
-                };
-                cmds.push(NewCommand::new(agent_id.clone(), Some(id.clone()), kind));
-            }
+        // Alternating hibernate/wake per session, sent through the gateway as users would
+        // (half REST, half gRPC): accepted against each session's intended state while the
+        // agent is down. Sessions in parallel, each one's requests in order.
+        let started = Instant::now();
+        let mut senders = tokio::task::JoinSet::new();
+        for (k, id) in ids[..n_sessions].iter().enumerate() {
+            let clients = clients.clone();
+            let id = id.clone();
+            senders.spawn(async move {
+                let mut accepted = (0usize, 0usize);
+                let mut refused = Vec::new();
+                for round in 0..per {
+                    let op = if round % 2 == 0 {
+                        Op::Hibernate
+                    } else {
+                        Op::Wake
+                    };
+                    let client = &clients[(round + k) % 2];
+                    let record = client.request("fifo", op, &id, started).await;
+                    match record.outcome {
+                        Outcome::Ok { .. } if client.transport() == "rest" => accepted.0 += 1,
+                        Outcome::Ok { .. } => accepted.1 += 1,
+                        other => refused.push(format!("{id} {op:?}: {other:?}")),
+                    }
+                }
+                (accepted, refused)
+            });
         }
-        let mut conn = stack.pool.acquire().await?;
-        for chunk in cmds.chunks(5_000) {
-            CommandQueue::command_enqueue_many(&mut conn, chunk).await?;
+        let (mut rest, mut grpc, mut refused) = (0, 0, Vec::new());
+        while let Some(sent) = senders.join_next().await {
+            let ((r, g), mut bad) = sent?;
+            rest += r;
+            grpc += g;
+            refused.append(&mut bad);
         }
-        drop(conn);
-        let total = cmds.len();
+        r.check(
+            &format!("{label}: every request accepted by the gateway (agent down)"),
+            refused.is_empty(),
+            "all 202",
+            format!(
+                "{rest} over REST, {grpc} over gRPC accepted; {} refused {:?}",
+                refused.len(),
+                refused.iter().take(3).collect::<Vec<_>>()
+            ),
+        );
+        let total = rest + grpc;
         let restarted = Instant::now();
         stack.spawn_agent(0).await?;
         stack.wait_agent_online(0).await?;

@@ -10,6 +10,7 @@ mod heartbeat;
 mod kubernetes;
 mod resources;
 mod throughput;
+mod up_supervisor;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -93,6 +94,7 @@ pub const SCENARIOS: &[(&str, ScenarioFn)] = &[
         Box::pin(chaos::two_dispatchers(c, r))
     }),
     ("kubernetes-runtime", |c, r| Box::pin(kubernetes::run(c, r))),
+    ("up-supervisor", |c, r| Box::pin(up_supervisor::run(c, r))),
 ];
 
 /// Runs the selected scenarios; returns whether all passed.
