@@ -20,6 +20,10 @@ pub struct Flags {
     /// Bearer token (a JWT; `streamspace-api-gateway mint-token` makes development ones).
     #[arg(long, env = "STREAMSPACE_TOKEN", hide_env_values = true, global = true)]
     pub token: Option<String>,
+    /// Read the bearer token from this file (first line; wins over --token and the
+    /// variable, and keeps the token out of the process list and shell history).
+    #[arg(long, global = true)]
+    pub token_file: Option<std::path::PathBuf>,
     /// Output format.
     #[arg(short, long, value_enum, default_value_t = Format::Table, global = true)]
     pub output: Format,
@@ -51,6 +55,10 @@ pub struct Change {
     /// Follow the queued command until it ends, showing its progress.
     #[arg(long)]
     pub wait: bool,
+    /// With --wait: give up after this long (e.g. 30s, 2m, 500ms) with exit code 7; the
+    /// command itself goes on.
+    #[arg(long, value_parser = parse_duration, requires = "wait")]
+    pub timeout: Option<std::time::Duration>,
     /// Idempotency key: retrying with the same key never repeats the change.
     #[arg(long)]
     pub idempotency_key: Option<String>,
@@ -105,7 +113,12 @@ pub enum SessionCommand {
     /// A session's commands in order.
     Commands { id: String },
     /// Print each state change of a session until it is terminated.
-    Watch { id: String },
+    Watch {
+        id: String,
+        /// Give up after this long (e.g. 30s, 2m) with exit code 7.
+        #[arg(long, value_parser = parse_duration)]
+        timeout: Option<std::time::Duration>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -113,7 +126,12 @@ pub enum CommandCommand {
     /// Show one command.
     Get { command_id: String },
     /// Follow a command until it ends.
-    Watch { command_id: String },
+    Watch {
+        command_id: String,
+        /// Give up after this long (e.g. 30s, 2m) with exit code 7.
+        #[arg(long, value_parser = parse_duration)]
+        timeout: Option<std::time::Duration>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -139,4 +157,49 @@ pub enum AgentCommand {
         agent_id: String,
         credential_id: String,
     },
+}
+
+/// `500ms`, `30s`, `2m`, `1h`, or plain seconds (`30`).
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration (e.g. 500ms, 30s, 2m)"))?;
+    let seconds = match unit {
+        "ms" => value / 1000.0,
+        "" | "s" => value,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        _ => {
+            return Err(format!(
+                "unknown unit {unit:?} in {text:?} (use ms, s, m or h)"
+            ));
+        }
+    };
+    if !seconds.is_finite() || seconds <= 0.0 {
+        return Err(format!("{text:?}: a timeout must be positive"));
+    }
+    Ok(std::time::Duration::from_secs_f64(seconds))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::parse_duration;
+
+    #[test]
+    fn durations_take_the_usual_units() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("30"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("3 days").is_err());
+        assert!(parse_duration("soon").is_err());
+    }
 }

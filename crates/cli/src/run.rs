@@ -4,7 +4,6 @@ use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
 use serde_json::{Value, json};
 use streamspace_proto::api::v1 as pb;
 use tonic::metadata::MetadataValue;
@@ -12,6 +11,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Status};
 
+use crate::error::{CliError, Context as _, Kind, Result};
 use crate::flags::{AgentCommand, Change, Command, CommandCommand, Flags, Format, SessionCommand};
 use crate::output;
 
@@ -22,7 +22,7 @@ struct Auth {
 }
 
 impl tonic::service::Interceptor for Auth {
-    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+    fn call(&mut self, mut req: Request<()>) -> std::result::Result<Request<()>, Status> {
         req.metadata_mut()
             .insert("authorization", self.bearer.clone());
         Ok(req)
@@ -33,38 +33,48 @@ type Sessions = pb::session_service_client::SessionServiceClient<InterceptedServ
 type Agents =
     pb::agent_admin_service_client::AgentAdminServiceClient<InterceptedService<Channel, Auth>>;
 
-/// A server answer as a readable error: the status code and the server's message.
-fn status(e: Status) -> anyhow::Error {
-    anyhow::anyhow!("{:?}: {}", e.code(), e.message())
-}
-
-fn keyed<T>(msg: T, change: &Change) -> anyhow::Result<Request<T>> {
+fn keyed<T>(msg: T, change: &Change) -> Result<Request<T>> {
     let mut req = Request::new(msg);
     if let Some(key) = &change.idempotency_key {
         req.metadata_mut().insert(
             "idempotency-key",
-            key.parse()
-                .context("--idempotency-key must be visible ASCII")?,
+            key.parse().or_kind(Kind::Usage, || {
+                "--idempotency-key must be visible ASCII".into()
+            })?,
         );
     }
     Ok(req)
 }
 
-pub async fn run(flags: Flags) -> anyhow::Result<ExitCode> {
-    let token = flags
-        .token
-        .clone()
-        .filter(|t| !t.is_empty())
-        .context("no token: pass --token or set STREAMSPACE_TOKEN (development: `streamspace-api-gateway mint-token --user NAME`)")?;
-    let bearer = format!("Bearer {token}")
-        .parse()
-        .context("the token contains characters that cannot be sent")?;
+pub async fn run(flags: Flags) -> Result<ExitCode> {
+    let token = match &flags.token_file {
+        Some(path) => std::fs::read_to_string(path)
+            .or_kind(Kind::Usage, || {
+                format!("cannot read --token-file {}", path.display())
+            })?
+            .trim()
+            .to_owned(),
+        None => flags.token.clone().unwrap_or_default(),
+    };
+    if token.is_empty() {
+        return Err(CliError::new(
+            Kind::Unauthenticated,
+            "no token: pass --token or --token-file, or set STREAMSPACE_TOKEN (development: `streamspace-api-gateway mint-token --user NAME`)",
+        ));
+    }
+    let bearer = format!("Bearer {token}").parse().or_kind(Kind::Usage, || {
+        "the token contains characters that cannot be sent".into()
+    })?;
     let channel = Endpoint::from_shared(flags.api_url.clone())
-        .with_context(|| format!("invalid --api-url {:?}", flags.api_url))?
+        .or_kind(Kind::Usage, || {
+            format!("invalid --api-url {:?}", flags.api_url)
+        })?
         .connect_timeout(Duration::from_secs(10))
         .connect()
         .await
-        .with_context(|| format!("cannot reach the api-gateway at {}", flags.api_url))?;
+        .or_kind(Kind::Unavailable, || {
+            format!("cannot reach the api-gateway at {}", flags.api_url)
+        })?;
     let auth = Auth { bearer };
     let sessions = Sessions::new(InterceptedService::new(channel.clone(), auth.clone()));
     let agents = Agents::new(InterceptedService::new(channel, auth));
@@ -76,7 +86,7 @@ pub async fn run(flags: Flags) -> anyhow::Result<ExitCode> {
     }
 }
 
-async fn session(mut c: Sessions, cmd: SessionCommand, format: Format) -> anyhow::Result<ExitCode> {
+async fn session(mut c: Sessions, cmd: SessionCommand, format: Format) -> Result<ExitCode> {
     match cmd {
         SessionCommand::Create {
             template,
@@ -95,11 +105,7 @@ async fn session(mut c: Sessions, cmd: SessionCommand, format: Format) -> anyhow
                 cluster: cluster.unwrap_or_default(),
                 region: region.unwrap_or_default(),
             };
-            let a = c
-                .create_session(keyed(msg, &change)?)
-                .await
-                .map_err(status)?
-                .into_inner();
+            let a = c.create_session(keyed(msg, &change)?).await?.into_inner();
             accepted(
                 &mut c,
                 format,
@@ -120,25 +126,20 @@ async fn session(mut c: Sessions, cmd: SessionCommand, format: Format) -> anyhow
                 .list_sessions(pb::ListSessionsRequest {
                     limit: limit.unwrap_or(0),
                 })
-                .await
-                .map_err(status)?
+                .await?
                 .into_inner();
             output::list(format, &list.sessions);
             Ok(ExitCode::SUCCESS)
         }
         SessionCommand::Get { id } => {
-            let s = c
-                .get_session(pb::GetSessionRequest { id })
-                .await
-                .map_err(status)?;
+            let s = c.get_session(pb::GetSessionRequest { id }).await?;
             output::one(format, &s.into_inner());
             Ok(ExitCode::SUCCESS)
         }
         SessionCommand::Delete { id, change } => {
             let a = c
                 .delete_session(keyed(pb::DeleteSessionRequest { id }, &change)?)
-                .await
-                .map_err(status)?
+                .await?
                 .into_inner();
             let opt = |s: &str| if s.is_empty() { Value::Null } else { json!(s) };
             accepted(
@@ -159,35 +160,44 @@ async fn session(mut c: Sessions, cmd: SessionCommand, format: Format) -> anyhow
         SessionCommand::Hibernate { id, change } => {
             let a = c
                 .hibernate_session(keyed(pb::HibernateSessionRequest { id }, &change)?)
-                .await
-                .map_err(status)?
+                .await?
                 .into_inner();
             changed(&mut c, format, &change, a).await
         }
         SessionCommand::Wake { id, change } => {
             let a = c
                 .wake_session(keyed(pb::WakeSessionRequest { id }, &change)?)
-                .await
-                .map_err(status)?
+                .await?
                 .into_inner();
             changed(&mut c, format, &change, a).await
         }
         SessionCommand::Commands { id } => {
             let list = c
                 .list_session_commands(pb::ListSessionCommandsRequest { session_id: id })
-                .await
-                .map_err(status)?
+                .await?
                 .into_inner();
             output::list(format, &list.commands);
             Ok(ExitCode::SUCCESS)
         }
-        SessionCommand::Watch { id } => {
+        SessionCommand::Watch { id, timeout } => {
             let mut stream = c
-                .watch_session(pb::WatchSessionRequest { id })
-                .await
-                .map_err(status)?
+                .watch_session(pb::WatchSessionRequest { id: id.clone() })
+                .await?
                 .into_inner();
-            while let Some(event) = stream.message().await.map_err(status)? {
+            let deadline = timeout.map(|t| (tokio::time::Instant::now() + t, t));
+            loop {
+                let next = match deadline {
+                    Some((at, t)) => tokio::time::timeout_at(at, stream.message())
+                        .await
+                        .map_err(|_| {
+                            CliError::new(
+                                Kind::Timeout,
+                                format!("session {id} did not end within {}", seconds(t)),
+                            )
+                        })?,
+                    None => stream.message().await,
+                };
+                let Some(event) = next? else { break };
                 match format {
                     Format::Json => println!(
                         "{}",
@@ -206,7 +216,7 @@ async fn changed(
     format: Format,
     change: &Change,
     a: pb::SessionCommandResponse,
-) -> anyhow::Result<ExitCode> {
+) -> Result<ExitCode> {
     accepted(
         c,
         format,
@@ -231,25 +241,24 @@ async fn accepted(
     session_id: &str,
     command_id: &str,
     answer: Vec<(&str, Value)>,
-) -> anyhow::Result<ExitCode> {
+) -> Result<ExitCode> {
     if !change.wait || command_id.is_empty() {
         output::fields(format, &answer);
         return Ok(ExitCode::SUCCESS);
     }
-    let last = follow(c, command_id).await?;
+    let last = follow(c, command_id, change.timeout).await?;
     let session = c
         .get_session(pb::GetSessionRequest {
             id: session_id.to_owned(),
         })
-        .await
-        .map_err(status)?
+        .await?
         .into_inner();
     output::one(format, &session);
     finished(&last)
 }
 
 /// Exit status for a finished command: success only when it completed.
-fn finished(last: &pb::Command) -> anyhow::Result<ExitCode> {
+fn finished(last: &pb::Command) -> Result<ExitCode> {
     match last.status.as_str() {
         "completed" => Ok(ExitCode::SUCCESS),
         other => {
@@ -274,13 +283,49 @@ fn now() -> String {
 
 /// Follows a command with WatchCommand until it ends, with a progress indicator on
 /// stderr (a spinner on a terminal, one line per status otherwise).
-async fn follow(c: &mut Sessions, command_id: &str) -> anyhow::Result<pb::Command> {
+async fn follow(
+    c: &mut Sessions,
+    command_id: &str,
+    timeout: Option<Duration>,
+) -> Result<pb::Command> {
+    let Some(limit) = timeout else {
+        return follow_to_end(c, command_id).await;
+    };
+    match tokio::time::timeout(limit, follow_to_end(&mut c.clone(), command_id)).await {
+        Ok(last) => last,
+        Err(_) => {
+            if std::io::stderr().is_terminal() {
+                eprintln!();
+            }
+            // Say where it stands; the command itself goes on.
+            let now = c
+                .get_command(pb::GetCommandRequest {
+                    command_id: command_id.to_owned(),
+                })
+                .await
+                .map(|r| r.into_inner().status)
+                .unwrap_or_else(|_| "unknown".into());
+            Err(CliError::new(
+                Kind::Timeout,
+                format!(
+                    "command {command_id} did not end within {} (it is {now}; it goes on without us)",
+                    seconds(limit)
+                ),
+            ))
+        }
+    }
+}
+
+fn seconds(d: Duration) -> String {
+    format!("{:.1} s", d.as_secs_f64())
+}
+
+async fn follow_to_end(c: &mut Sessions, command_id: &str) -> Result<pb::Command> {
     let mut stream = c
         .watch_command(pb::WatchCommandRequest {
             command_id: command_id.to_owned(),
         })
-        .await
-        .map_err(status)?
+        .await?
         .into_inner();
     let tty = std::io::stderr().is_terminal();
     let started = Instant::now();
@@ -292,7 +337,7 @@ async fn follow(c: &mut Sessions, command_id: &str) -> anyhow::Result<pb::Comman
     loop {
         tokio::select! {
             msg = stream.message() => {
-                match msg.map_err(status)? {
+                match msg? {
                     Some(event) => {
                         status_now = event.status.clone();
                         if !tty {
@@ -322,51 +367,54 @@ async fn follow(c: &mut Sessions, command_id: &str) -> anyhow::Result<pb::Comman
         );
     }
     let Some(last) = last else {
-        bail!("the watch of {command_id} ended without any event");
+        return Err(CliError::new(
+            Kind::Unavailable,
+            format!("the watch of {command_id} ended without any event"),
+        ));
     };
     if !matches!(last.status.as_str(), "completed" | "failed" | "cancelled") {
-        bail!(
-            "the watch of {command_id} ended early (status {}); the server may be shutting down",
-            last.status
-        );
+        return Err(CliError::new(
+            Kind::Unavailable,
+            format!(
+                "the watch of {command_id} ended early (status {}); the server may be shutting down",
+                last.status
+            ),
+        ));
     }
     Ok(last)
 }
 
-async fn command(mut c: Sessions, cmd: CommandCommand, format: Format) -> anyhow::Result<ExitCode> {
+async fn command(mut c: Sessions, cmd: CommandCommand, format: Format) -> Result<ExitCode> {
     match cmd {
         CommandCommand::Get { command_id } => {
             let cmd = c
                 .get_command(pb::GetCommandRequest { command_id })
-                .await
-                .map_err(status)?
+                .await?
                 .into_inner();
             output::one(format, &cmd);
             Ok(ExitCode::SUCCESS)
         }
-        CommandCommand::Watch { command_id } => {
-            let last = follow(&mut c, &command_id).await?;
+        CommandCommand::Watch {
+            command_id,
+            timeout,
+        } => {
+            let last = follow(&mut c, &command_id, timeout).await?;
             output::one(format, &last);
             finished(&last)
         }
     }
 }
 
-async fn agent(mut c: Agents, cmd: AgentCommand, format: Format) -> anyhow::Result<ExitCode> {
+async fn agent(mut c: Agents, cmd: AgentCommand, format: Format) -> Result<ExitCode> {
     match cmd {
         AgentCommand::List => {
-            let list = c
-                .list_agents(pb::ListAgentsRequest {})
-                .await
-                .map_err(status)?
-                .into_inner();
+            let list = c.list_agents(pb::ListAgentsRequest {}).await?.into_inner();
             output::list(format, &list.agents);
         }
         AgentCommand::Get { agent_id } => {
             let a = c
                 .get_agent(pb::GetAgentRequest { agent_id })
-                .await
-                .map_err(status)?
+                .await?
                 .into_inner();
             output::one(format, &a);
         }
@@ -383,16 +431,14 @@ async fn agent(mut c: Agents, cmd: AgentCommand, format: Format) -> anyhow::Resu
                     region: region.unwrap_or_default(),
                     max_sessions: max_sessions.unwrap_or(0),
                 })
-                .await
-                .map_err(status)?
+                .await?
                 .into_inner();
             output::one(format, &a);
         }
         AgentCommand::IssueCredential { agent_id } => {
             let cred = c
                 .issue_credential(pb::IssueCredentialRequest { agent_id })
-                .await
-                .map_err(status)?
+                .await?
                 .into_inner();
             output::fields(
                 format,
@@ -414,8 +460,7 @@ async fn agent(mut c: Agents, cmd: AgentCommand, format: Format) -> anyhow::Resu
                 agent_id,
                 credential_id: credential_id.clone(),
             })
-            .await
-            .map_err(status)?;
+            .await?;
             if format == Format::Json {
                 println!("{}", json!({"revoked": credential_id}));
             } else {

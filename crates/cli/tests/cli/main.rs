@@ -196,19 +196,123 @@ async fn create_wait_list_get_delete_and_agents() {
     assert!(String::from_utf8_lossy(&denied.stderr).contains("admin role"));
 }
 
+fn code(o: &Output) -> Option<i32> {
+    o.status.code()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
 #[tokio::test]
-async fn failures_exit_non_zero_with_the_servers_message() {
+async fn failures_exit_with_one_code_per_kind_and_the_servers_message() {
     let env = gateway().await;
     let alice = env.token("alice", false);
+
     let missing = env.run(&alice, &["sessions", "get", "nope"]).await;
-    assert!(!missing.status.success());
-    let err = String::from_utf8_lossy(&missing.stderr);
+    assert_eq!(code(&missing), Some(3), "not found: {}", stderr(&missing));
+    let err = stderr(&missing);
     assert!(
         err.contains("NotFound") && err.contains("session nope not found"),
         "{err}"
     );
 
+    // A pending session will be running: waking it is a conflict.
+    let created: Value = serde_json::from_str(&stdout(
+        &env.run(
+            &alice,
+            &["sessions", "create", "firefox-browser", "-o", "json"],
+        )
+        .await,
+    ))
+    .unwrap();
+    let id = created["id"].as_str().unwrap().to_owned();
+    let conflict = env.run(&alice, &["sessions", "wake", &id]).await;
+    assert_eq!(code(&conflict), Some(4), "conflict: {}", stderr(&conflict));
+
+    // Under -o json the error is one JSON object on stderr.
+    let json_err = env
+        .run(&alice, &["sessions", "wake", &id, "-o", "json"])
+        .await;
+    assert_eq!(code(&json_err), Some(4));
+    let e: Value = serde_json::from_str(stderr(&json_err).trim()).unwrap();
+    assert_eq!(e["error"]["kind"], "conflict");
+    assert_eq!(e["error"]["exit_code"], 4);
+    assert_eq!(e["error"]["grpc_code"], "FailedPrecondition");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("will be running"),
+        "{e}"
+    );
+
     let no_token = env.run("", &["sessions", "list"]).await;
-    assert!(!no_token.status.success());
-    assert!(String::from_utf8_lossy(&no_token.stderr).contains("STREAMSPACE_TOKEN"));
+    assert_eq!(code(&no_token), Some(5));
+    assert!(stderr(&no_token).contains("STREAMSPACE_TOKEN"));
+    let bad_token = env.run("x.y.z", &["sessions", "list"]).await;
+    assert_eq!(code(&bad_token), Some(5), "{}", stderr(&bad_token));
+
+    // Nobody listens on port 9 of this machine.
+    let unreachable = env
+        .cli(&alice, &["sessions", "list"])
+        .env("STREAMSPACE_API_URL", "http://127.0.0.1:9")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(code(&unreachable), Some(6), "{}", stderr(&unreachable));
+
+    let usage = env.run(&alice, &["sessions", "frobnicate"]).await;
+    assert_eq!(code(&usage), Some(2));
+    let timeout_without_wait = env
+        .run(&alice, &["sessions", "hibernate", &id, "--timeout", "1s"])
+        .await;
+    assert_eq!(code(&timeout_without_wait), Some(2));
+}
+
+#[tokio::test]
+async fn wait_gives_up_at_its_timeout_and_the_token_can_come_from_a_file() {
+    let env = gateway().await;
+    let alice = env.token("alice", false);
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, format!("{alice}\n")).unwrap();
+    let token_file = token_file.to_str().unwrap();
+
+    // Nobody delivers the start: --wait ends at its timeout, exit 7, the command goes on.
+    let waited = env
+        .run(
+            "",
+            &[
+                "--token-file",
+                token_file,
+                "sessions",
+                "create",
+                "firefox-browser",
+                "--wait",
+                "--timeout",
+                "300ms",
+            ],
+        )
+        .await;
+    assert_eq!(code(&waited), Some(7), "{}", stderr(&waited));
+    let err = stderr(&waited);
+    assert!(
+        err.contains("did not end within 0.3 s") && err.contains("it is pending"),
+        "{err}"
+    );
+    let pending: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM agent_commands WHERE status = 'pending'")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(pending, 1, "the start is still queued");
+
+    let missing_file = env
+        .run(
+            "",
+            &["--token-file", "/nonexistent/token", "sessions", "list"],
+        )
+        .await;
+    assert_eq!(code(&missing_file), Some(2), "{}", stderr(&missing_file));
 }
