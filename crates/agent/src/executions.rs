@@ -7,7 +7,7 @@
 //! in what order per session. Lines are written with one `write` on an `O_APPEND` file, so
 //! they never interleave; the log survives agent restarts.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -33,11 +33,8 @@ pub(crate) struct ExecutionLog {
 
 impl ExecutionLog {
     pub fn open(state_dir: &Path) -> io::Result<Self> {
-        std::fs::create_dir_all(state_dir)?;
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(state_dir.join(EXECUTIONS_FILE))?;
+        crate::private_fs::create_dir(state_dir)?;
+        let file = crate::private_fs::append(&state_dir.join(EXECUTIONS_FILE))?;
         Ok(Self {
             file: Mutex::new(file),
         })

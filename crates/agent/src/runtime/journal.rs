@@ -7,7 +7,7 @@
 //! an `O_APPEND` file, so concurrent writers never interleave within a line.
 
 use std::fmt;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -79,7 +79,8 @@ pub(crate) struct Journal {
 impl Journal {
     pub fn open(state_dir: &Path) -> io::Result<Self> {
         let path = state_dir.join(JOURNAL_FILE);
-        let file = OpenOptions::new().create(true).append(true).open(&path)?;
+        crate::private_fs::create_dir(state_dir)?;
+        let file = crate::private_fs::append(&path)?;
         Ok(Self {
             path,
             file: Mutex::new(file),

@@ -951,7 +951,7 @@ impl Inner {
         let cpu = resources.cpu.unwrap_or_else(|| template.cpu.clone());
         let mut env: BTreeMap<String, String> = template.env.clone();
         env.extend(spec.env.clone());
-        env.insert("STREAMSPACE_SESSION_ID".into(), session.to_owned());
+        env.insert("SESSION_ID".into(), session.to_owned());
         let env: Vec<_> = env
             .into_iter()
             .map(|(name, value)| json!({"name": name, "value": value}))

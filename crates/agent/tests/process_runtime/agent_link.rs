@@ -203,7 +203,7 @@ async fn shutdown_lets_a_running_command_report_before_closing() {
     let mut gated = catalog().get("with-helper").unwrap().clone();
     // Starts only once the test opens the gate.
     gated.args[1] = format!(
-        "while [ ! -e '{}' ]; do sleep 0.01; done; exec \"$AGENT\" serve-session --session \"$0\" --port \"$STREAMSPACE_SESSION_PORT\"",
+        "while [ ! -e '{}' ]; do sleep 0.01; done; exec \"$AGENT\" serve-session --session \"$0\" --port \"$SESSION_PORT\"",
         gate.display()
     );
     let runtime = Arc::new(dir.runtime(catalog().with("gated", gated)).await);
@@ -234,4 +234,92 @@ async fn shutdown_lets_a_running_command_report_before_closing() {
     shutdown.await.unwrap().unwrap();
     // Sessions outlive the agent.
     assert!(runtime.list().await.unwrap().len() == 1);
+}
+
+/// The real agent binary, whose own environment holds its credential, starts a session:
+/// the session process's environment (read from `/proc`) has no `STREAMSPACE_` variable,
+/// only the inherited allow-list and the session's own. A start asking for a reserved
+/// variable fails permanently. The state files are the agent user's alone.
+#[tokio::test]
+async fn sessions_do_not_inherit_the_agents_credential_or_settings() {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    let dir = StateDir::new();
+    let mut dispatcher = FakeDispatcher::start("tok-secret", 60_000).await;
+    let mut agent = tokio::process::Command::new(agent_exe())
+        .env("STREAMSPACE_DISPATCHER_URL", &dispatcher.url)
+        .env("STREAMSPACE_CREDENTIAL", "tok-secret")
+        .env("STREAMSPACE_STATE_DIR", dir.path())
+        .env("STREAMSPACE_RECONNECT_BASE_MS", "50")
+        .env("LD_LIBRARY_PATH", "/agent/only")
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut conn = dispatcher.accept().await;
+
+    conn.send(command("cmd-env", "s-env", "start_session", START, 1))
+        .await;
+    expect_ack(conn.recv().await, 1);
+    completed(&expect_result(conn.recv().await));
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("sessions/s-env.json")).unwrap())
+            .unwrap();
+    let pid = record["pid"].as_i64().unwrap() as i32;
+    dir.track(pid);
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    let vars: Vec<String> = environ
+        .split(|b| *b == 0)
+        .filter(|v| !v.is_empty())
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+        .collect();
+    let leaked: Vec<&String> = vars
+        .iter()
+        .filter(|v| v.starts_with("STREAMSPACE_") || v.starts_with("LD_"))
+        .collect();
+    assert!(leaked.is_empty(), "leaked into the session: {leaked:?}");
+    assert!(vars.contains(&"SESSION_ID=s-env".to_owned()), "{vars:?}");
+    assert!(
+        vars.iter().any(|v| v.starts_with("SESSION_PORT=")),
+        "{vars:?}"
+    );
+    assert!(vars.iter().any(|v| v.starts_with("PATH=")), "{vars:?}");
+
+    // Only the agent's user can read its state.
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(dir.path()), 0o700);
+    assert_eq!(mode(&dir.path().join("sessions")), 0o700);
+    for file in ["sessions/s-env.json", "sessions/s-env.log", "journal.log"] {
+        assert_eq!(mode(&dir.path().join(file)), 0o600, "{file}");
+    }
+
+    // A start asking for the loader's or the agent's variables is refused, for good.
+    for (n, key) in ["LD_PRELOAD", "streamspace_credential", "BAD-NAME"]
+        .into_iter()
+        .enumerate()
+    {
+        let payload = serde_json::json!({"template": "firefox-browser", "env": {key: "x"}});
+        let id = format!("cmd-bad-{n}");
+        conn.send(command(
+            &id,
+            &format!("s-bad-{n}"),
+            "start_session",
+            &payload.to_string(),
+            10 + n as i64,
+        ))
+        .await;
+        expect_ack(conn.recv().await, 10 + n as i64);
+        match expect_result(conn.recv().await).outcome {
+            Some(Outcome::Failed(f)) => {
+                assert!(!f.retryable, "{f:?}");
+                assert!(f.message.contains(key), "{f:?}");
+            }
+            other => panic!("{key}: expected a permanent failure, got {other:?}"),
+        }
+    }
+
+    conn.send(command("cmd-stop", "s-env", "stop_session", "{}", 20))
+        .await;
+    expect_ack(conn.recv().await, 20);
+    completed(&expect_result(conn.recv().await));
+    agent.kill().await.unwrap();
 }

@@ -111,12 +111,12 @@ pub fn catalog() -> Catalog {
         // A session with a second process in its group, to prove stop reaches all.
         .with(
             "with-helper",
-            sh("sleep 300 & exec \"$AGENT\" serve-session --session \"$0\" --port \"$STREAMSPACE_SESSION_PORT\"", 10_000),
+            sh("sleep 300 & exec \"$AGENT\" serve-session --session \"$0\" --port \"$SESSION_PORT\"", 10_000),
         )
         // Ignores SIGTERM (inherited across exec), so stop must escalate to SIGKILL.
         .with(
             "stubborn",
-            sh("trap '' TERM; sleep 300 & exec \"$AGENT\" serve-session --session \"$0\" --port \"$STREAMSPACE_SESSION_PORT\"", 10_000),
+            sh("trap '' TERM; sleep 300 & exec \"$AGENT\" serve-session --session \"$0\" --port \"$SESSION_PORT\"", 10_000),
         )
         // Never listens.
         .with("never-ready", sh("exec sleep 30", 300))

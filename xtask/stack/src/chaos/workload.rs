@@ -1,6 +1,6 @@
 //! The workload: many users, each driving sessions through the real api-gateway (REST for
-//! some users, gRPC for others) — create, then hibernate/wake while the session settles,
-//! then delete. Every request is recorded as ok, fail or info; an info is retried under the
+//! some users, gRPC for others) — create, then hibernate/wake (half of them without waiting
+//! for the session to settle, so they queue behind each other), then delete. Every request is recorded as ok, fail or info; an info is retried under the
 //! same `Idempotency-Key`, as a careful client would.
 
 use std::sync::Arc;
@@ -353,7 +353,16 @@ pub async fn run(clients: Vec<(String, Client)>, shape: Shape, seed: u64, histor
                 // A little jitter, so requests do not march in lockstep.
                 tokio::time::sleep(Duration::from_millis(rng.random_range(0..20))).await;
                 let delete = n % shape.keep_every != shape.keep_every - 1;
-                session_life(user, client, shape.toggles, delete, started, &history).await;
+                session_life(
+                    user,
+                    client,
+                    shape.toggles,
+                    delete,
+                    started,
+                    &history,
+                    &mut rng,
+                )
+                .await;
             }
         }));
     }
@@ -369,6 +378,7 @@ async fn session_life(
     delete: bool,
     started: Instant,
     history: &History,
+    rng: &mut StdRng,
 ) {
     let created = client.request(user, Op::Create, "", started).await;
     let session = match &created.outcome {
@@ -379,16 +389,28 @@ async fn session_life(
         }
     };
     history.push(created);
+    // What the session will be once its accepted commands have run; `None` after a
+    // request whose outcome is unknown (then the next one waits to see).
+    let mut intended = Some("running".to_owned());
     for _ in 0..toggles {
-        let Some(state) = client.settled(&session).await else {
-            break;
-        };
-        let op = if state == "running" {
-            Op::Hibernate
+        // Half the toggles wait for the session to settle; the others go at once and are
+        // accepted against its intended state, queueing behind the commands before them
+        // (per-session backlogs a few deep, also behind a start that has not run yet).
+        let wait = intended.is_none() || rng.random_bool(0.5);
+        if wait {
+            let Some(state) = client.settled(&session).await else {
+                break;
+            };
+            intended = Some(state);
+        }
+        let (op, after) = if intended.as_deref() == Some("running") {
+            (Op::Hibernate, "hibernated")
         } else {
-            Op::Wake
+            (Op::Wake, "running")
         };
-        history.push(client.request(user, op, &session, started).await);
+        let record = client.request(user, op, &session, started).await;
+        intended = matches!(record.outcome, Outcome::Ok { .. }).then(|| after.to_owned());
+        history.push(record);
     }
     // Not waiting for the last toggle to settle: the stop queues behind it, so per-session
     // order is exercised (a stop is accepted in any non-terminal state).

@@ -16,7 +16,9 @@ use crate::error::Error;
 /// `program`, `args` and `env` values may use `{session}` (the session id), `{port}` (the
 /// TCP port the session must listen on, on 127.0.0.1) and `{agent}` (the executable that
 /// provides `serve-session`, normally the agent itself). The session also gets
-/// `STREAMSPACE_SESSION_ID` and `STREAMSPACE_SESSION_PORT` in its environment.
+/// `SESSION_ID` and `SESSION_PORT` in its environment — which is otherwise cleared: only
+/// `PATH`, `HOME`, `USER`, `LOGNAME`, `LANG`, `LC_*`, `TZ`, `TMPDIR` and `TERM` are
+/// inherited from the agent, so no session sees the agent's credential.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Template {

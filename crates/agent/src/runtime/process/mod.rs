@@ -50,6 +50,7 @@ use super::journal::{Effect, Journal};
 pub use super::journal::{Effects, JOURNAL_FILE};
 use super::{Observation, RuntimeError, SessionRuntime, SessionState, async_trait, procfs};
 use crate::error::Error;
+use crate::private_fs;
 
 /// How long a session may take to accept connections after it was spawned or woken.
 pub const DEFAULT_READY_TIMEOUT_MS: u64 = 10_000;
@@ -185,7 +186,9 @@ impl ProcessRuntime {
             template.validate(name)?;
         }
         let sessions_dir = config.state_dir.join("sessions");
-        fs::create_dir_all(&sessions_dir).map_err(|e| Error::io(&sessions_dir, e))?;
+        for dir in [&config.state_dir, &sessions_dir] {
+            private_fs::create_dir(dir).map_err(|e| Error::io(dir, e))?;
+        }
         let journal =
             Journal::open(&config.state_dir).map_err(|e| Error::io(&config.state_dir, e))?;
         let (events, _) = broadcast::channel(EVENT_BUFFER);

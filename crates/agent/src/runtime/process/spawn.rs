@@ -7,6 +7,7 @@
 //! kills whatever process carries the session id in its environment (nobody was told of
 //! it; the start command is redelivered and spawns afresh).
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -17,12 +18,55 @@ use streamspace_core::command::StartSession;
 use tokio::process::Command;
 
 use super::{Inner, RecordState, RuntimeError, Session, SessionRecord, Template, lock, procfs};
+use crate::private_fs;
 use crate::runtime::journal::{self, Effect};
 
 /// Extension of the spawn-intent file.
 pub(super) const INTENT_EXTENSION: &str = "spawning";
 /// The environment variable that names a session in each of its processes.
-pub(super) const SESSION_ID_ENV: &str = "STREAMSPACE_SESSION_ID";
+pub(super) const SESSION_ID_ENV: &str = "SESSION_ID";
+/// The port the session must listen on.
+pub(super) const SESSION_PORT_ENV: &str = "SESSION_PORT";
+/// What a session inherits from the agent's environment; nothing else. In particular not
+/// `STREAMSPACE_CREDENTIAL`, with which a session could connect as the agent and receive
+/// other users' commands.
+const INHERITED_ENV: [&str; 10] = [
+    "PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "TERM",
+];
+/// Prefixes a start command's `env` may not set: the agent's own settings, and the dynamic
+/// loader's (which would run code of the requester's choosing inside the session).
+const FORBIDDEN_ENV_PREFIXES: [&str; 3] = ["STREAMSPACE_", "LD_", "DYLD_"];
+
+/// Checks the variables a start command asks for: plain names, none reserved.
+pub(super) fn validate_env(env: &BTreeMap<String, String>) -> Result<(), RuntimeError> {
+    for key in env.keys() {
+        let plain = key
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+            && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        if !plain {
+            return Err(RuntimeError::permanent(format!(
+                "invalid environment variable name {key:?}: expected [A-Za-z_][A-Za-z0-9_]*"
+            )));
+        }
+        let upper = key.to_ascii_uppercase();
+        if let Some(prefix) = FORBIDDEN_ENV_PREFIXES
+            .iter()
+            .find(|p| upper.starts_with(*p))
+        {
+            return Err(RuntimeError::permanent(format!(
+                "environment variable {key:?} is not allowed in a session ({prefix}* is reserved)"
+            )));
+        }
+        if key == SESSION_ID_ENV || key == SESSION_PORT_ENV {
+            return Err(RuntimeError::permanent(format!(
+                "environment variable {key:?} is set by the runtime"
+            )));
+        }
+    }
+    Ok(())
+}
 
 impl Inner {
     pub(super) fn record_path(&self, session_id: &str) -> PathBuf {
@@ -47,7 +91,7 @@ impl Inner {
         let tmp = path.with_extension("json.tmp");
         let json = serde_json::to_vec_pretty(record)
             .map_err(|e| RuntimeError::retryable(format!("encoding session record: {e}")))?;
-        fs::write(&tmp, json)
+        private_fs::write(&tmp, &json)
             .and_then(|()| fs::rename(&tmp, &path))
             .map_err(|e| RuntimeError::retryable(format!("writing {}: {e}", path.display())))
     }
@@ -76,11 +120,12 @@ impl Inner {
         template: &Template,
         spec: &StartSession,
     ) -> Result<Session, RuntimeError> {
+        validate_env(&spec.env)?;
         let port = self.allocate_port()?;
         // Until the record names the pid, the intent file is all a restarted agent would
         // have to find the process by (see `recover_abandoned_spawns`).
         let intent = self.intent_path(session_id);
-        if let Err(e) = fs::write(&intent, b"") {
+        if let Err(e) = private_fs::write(&intent, b"") {
             lock(&self.ports).remove(&port);
             return Err(RuntimeError::retryable(format!(
                 "writing {}: {e}",
@@ -114,7 +159,7 @@ impl Inner {
                 .replace("{agent}", &agent)
         };
         let log_path = self.log_path(session_id);
-        let log = fs::File::create(&log_path).map_err(|e| {
+        let log = private_fs::create(&log_path).map_err(|e| {
             RuntimeError::retryable(format!("creating {}: {e}", log_path.display()))
         })?;
         let log_err = log
@@ -148,10 +193,16 @@ impl Inner {
         };
         command
             .args(template.args.iter().map(|a| expand(a)))
+            .env_clear()
+            .envs(
+                INHERITED_ENV
+                    .iter()
+                    .filter_map(|k| Some((k, std::env::var_os(k)?))),
+            )
             .envs(template.env.iter().map(|(k, v)| (k, expand(v))))
             .envs(&spec.env)
             .env(SESSION_ID_ENV, session_id)
-            .env("STREAMSPACE_SESSION_PORT", port.to_string())
+            .env(SESSION_PORT_ENV, port.to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(log_err))
