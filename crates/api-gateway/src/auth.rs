@@ -61,6 +61,41 @@ impl std::fmt::Debug for Verifier {
     }
 }
 
+/// The largest clock-skew allowance accepted for `exp` and `nbf`.
+const MAX_LEEWAY_SECS: u64 = 300;
+/// Fewer distinct bytes than this is a pattern, not a secret (`aaaa…`, `0101…`).
+const MIN_DISTINCT_SECRET_BYTES: usize = 10;
+/// Words of placeholder values shipped in examples and manifests.
+const PLACEHOLDER_MARKERS: [&str; 5] = [
+    "replace-me",
+    "change-me",
+    "changeme",
+    "placeholder",
+    "example",
+];
+
+/// Refuses HMAC secrets that are short, a placeholder, or a pattern: with any of them,
+/// anyone can sign tokens for any user.
+fn check_hmac_secret(secret: &str) -> Result<(), String> {
+    if secret.len() < 32 {
+        return Err("auth.hmac_secret must be at least 32 bytes".into());
+    }
+    let lower = secret.to_ascii_lowercase();
+    if PLACEHOLDER_MARKERS.iter().any(|m| lower.contains(m)) {
+        return Err("auth.hmac_secret is a placeholder; generate one, e.g. `head -c 32 /dev/urandom | base64`".into());
+    }
+    let distinct = secret
+        .bytes()
+        .collect::<std::collections::HashSet<u8>>()
+        .len();
+    if distinct < MIN_DISTINCT_SECRET_BYTES {
+        return Err(format!(
+            "auth.hmac_secret has only {distinct} distinct characters; generate a random one, e.g. `head -c 32 /dev/urandom | base64`"
+        ));
+    }
+    Ok(())
+}
+
 fn parse_algorithm(name: &str) -> Result<Algorithm, String> {
     name.parse::<Algorithm>().map_err(|_| {
         format!(
@@ -77,6 +112,12 @@ impl Verifier {
         if config.issuer.is_empty() || config.audience.is_empty() {
             return Err("auth.issuer and auth.audience must be set".into());
         }
+        if config.leeway_secs > MAX_LEEWAY_SECS {
+            return Err(format!(
+                "auth.leeway_secs is {}; at most {MAX_LEEWAY_SECS} (a larger leeway keeps expired tokens working)",
+                config.leeway_secs
+            ));
+        }
         let mut keys = HashMap::new();
         for name in &config.algorithms {
             let alg = parse_algorithm(name)?;
@@ -85,9 +126,7 @@ impl Verifier {
                     let secret = config.hmac_secret.as_ref().ok_or_else(|| {
                         format!("auth.algorithms has {name}, which needs auth.hmac_secret")
                     })?;
-                    if secret.expose().len() < 32 {
-                        return Err("auth.hmac_secret must be at least 32 bytes".into());
-                    }
+                    check_hmac_secret(secret.expose())?;
                     DecodingKey::from_secret(secret.expose().as_bytes())
                 }
                 family => {
@@ -159,12 +198,15 @@ impl Verifier {
         validation.set_issuer(&[&self.issuer]);
         validation.set_audience(&[&self.audience]);
         validation.leeway = self.leeway;
+        // Off by default in jsonwebtoken: a token dated to start in the future is not
+        // valid yet.
+        validation.validate_nbf = true;
         let data = jsonwebtoken::decode::<serde_json::Map<String, serde_json::Value>>(
             token,
             key,
             &validation,
         )
-        .map_err(|e| unauthenticated(describe(&e, &self.issuer, &self.audience)))?;
+        .map_err(|e| unauthenticated(describe(&e)))?;
         let claims = data.claims;
         let user_id = claims
             .get("sub")
@@ -193,13 +235,15 @@ fn valid_user_id(s: &str) -> bool {
         && s.chars().all(|c| !c.is_control() && !c.is_whitespace())
 }
 
-fn describe(e: &jsonwebtoken::errors::Error, issuer: &str, audience: &str) -> String {
+/// Why a token was refused, for its unauthenticated sender: what is wrong, never what
+/// would be right (the expected issuer and audience are not told).
+fn describe(e: &jsonwebtoken::errors::Error) -> String {
     use jsonwebtoken::errors::ErrorKind as K;
     match e.kind() {
         K::ExpiredSignature => "the token has expired; get a new one".into(),
         K::ImmatureSignature => "the token is not valid yet (nbf)".into(),
-        K::InvalidIssuer => format!("the token's issuer is not {issuer:?}"),
-        K::InvalidAudience => format!("the token's audience does not include {audience:?}"),
+        K::InvalidIssuer => "the token's issuer is not accepted here".into(),
+        K::InvalidAudience => "the token's audience is not accepted here".into(),
         K::InvalidSignature => "the token's signature does not verify".into(),
         K::MissingRequiredClaim(c) => format!("the token lacks the required claim {c:?}"),
         K::InvalidAlgorithm => "the token's algorithm is not accepted here".into(),
@@ -273,7 +317,7 @@ mod tests {
 
     fn config() -> AuthConfig {
         AuthConfig {
-            hmac_secret: Some(Secret::new("x".repeat(32))),
+            hmac_secret: Some(Secret::new("unit-test-secret-0123456789abcdef".into())),
             dev_tokens: true,
             ..AuthConfig::default()
         }
@@ -319,5 +363,23 @@ mod tests {
             ..config()
         };
         assert!(Verifier::new(&c).unwrap_err().contains("unknown algorithm"));
+    }
+
+    #[test]
+    fn placeholder_and_patterned_secrets_and_huge_leeways_are_refused() {
+        let with = |secret: &str| AuthConfig {
+            hmac_secret: Some(Secret::new(secret.into())),
+            ..config()
+        };
+        // The value deploy/base/secrets.yaml ships.
+        let e = Verifier::new(&with("REPLACE-ME-with-at-least-32-random-bytes")).unwrap_err();
+        assert!(e.contains("placeholder"), "{e}");
+        let e = Verifier::new(&with(&"ab".repeat(20))).unwrap_err();
+        assert!(e.contains("distinct"), "{e}");
+        let c = AuthConfig {
+            leeway_secs: 86_400,
+            ..config()
+        };
+        assert!(Verifier::new(&c).unwrap_err().contains("leeway"));
     }
 }

@@ -30,6 +30,7 @@ pub struct GatewayConfig {
     pub rate_limit: RateLimitConfig,
     pub placement: PlacementConfig,
     pub idempotency: IdempotencyConfig,
+    pub limits: SessionLimits,
     /// JSON log lines instead of human-readable ones.
     pub log_json: bool,
 }
@@ -47,6 +48,7 @@ impl Default for GatewayConfig {
             rate_limit: RateLimitConfig::default(),
             placement: PlacementConfig::default(),
             idempotency: IdempotencyConfig::default(),
+            limits: SessionLimits::default(),
             log_json: false,
         }
     }
@@ -192,6 +194,52 @@ impl Default for IdempotencyConfig {
     }
 }
 
+/// The most a session may ask for; larger `resources` are refused with 400.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SessionLimits {
+    /// A Kubernetes quantity, e.g. `32Gi`.
+    pub max_memory: String,
+    /// A Kubernetes quantity of cores, e.g. `16` or `500m`.
+    pub max_cpu: String,
+}
+
+impl Default for SessionLimits {
+    fn default() -> Self {
+        Self {
+            max_memory: "32Gi".into(),
+            max_cpu: "16".into(),
+        }
+    }
+}
+
+/// A Kubernetes quantity (`512Mi`, `250m`, `2`, `1.5G`) as a number of base units
+/// (bytes, cores); `None` when it is not one.
+pub fn parse_quantity(value: &str) -> Option<f64> {
+    let split = value
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(value.len());
+    let (number, unit) = value.split_at(split);
+    if number.is_empty() || number.starts_with('.') || number.ends_with('.') {
+        return None;
+    }
+    let n: f64 = number.parse().ok()?;
+    let factor = match unit {
+        "" => 1.0,
+        "m" => 1e-3,
+        "k" => 1e3,
+        "M" => 1e6,
+        "G" => 1e9,
+        "T" => 1e12,
+        "Ki" => 1024.0,
+        "Mi" => 1024.0 * 1024.0,
+        "Gi" => 1024.0 * 1024.0 * 1024.0,
+        "Ti" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
+        _ => return None,
+    };
+    Some(n * factor).filter(|v| v.is_finite())
+}
+
 impl GatewayConfig {
     pub fn offline_after(&self) -> Duration {
         Duration::from_millis(self.placement.offline_after_ms)
@@ -222,6 +270,16 @@ impl GatewayConfig {
         }
         if self.idempotency.retention_hours == 0 {
             return Err("idempotency.retention_hours must be positive".into());
+        }
+        for (name, value) in [
+            ("limits.max_memory", &self.limits.max_memory),
+            ("limits.max_cpu", &self.limits.max_cpu),
+        ] {
+            if parse_quantity(value).is_none_or(|v| v <= 0.0) {
+                return Err(format!(
+                    "{name} {value:?} must be a positive Kubernetes quantity, e.g. 32Gi or 16"
+                ));
+            }
         }
         crate::auth::Verifier::new(&self.auth).map(|_| ())
     }

@@ -125,21 +125,21 @@ fn check_location(what: &str, value: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn check_quantity(what: &str, value: &str) -> Result<(), ApiError> {
-    let (number, unit) = value
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .map_or((value, ""), |i| value.split_at(i));
-    let number_ok = !number.is_empty()
-        && number.matches('.').count() <= 1
-        && !number.starts_with('.')
-        && !number.ends_with('.');
-    let unit_ok = matches!(
-        unit,
-        "" | "m" | "k" | "M" | "G" | "T" | "Ki" | "Mi" | "Gi" | "Ti"
-    );
-    if value.len() > 16 || !number_ok || !unit_ok {
+/// A requested resource: a positive Kubernetes quantity of at most 16 characters, no
+/// larger than the configured maximum.
+fn check_quantity(what: &str, value: &str, max: &str) -> Result<(), ApiError> {
+    let parsed = (value.len() <= 16)
+        .then(|| crate::config::parse_quantity(value))
+        .flatten()
+        .filter(|v| *v > 0.0);
+    let Some(parsed) = parsed else {
         return Err(ApiError::Invalid(format!(
-            "resources.{what} {value:?} must be a Kubernetes quantity of at most 16 characters, e.g. 512Mi or 250m"
+            "resources.{what} {value:?} must be a positive Kubernetes quantity of at most 16 characters, e.g. 512Mi or 250m"
+        )));
+    };
+    if crate::config::parse_quantity(max).is_some_and(|limit| parsed > limit) {
+        return Err(ApiError::Invalid(format!(
+            "resources.{what} {value:?} is more than a session may have ({max})"
         )));
     }
     Ok(())
@@ -254,10 +254,10 @@ impl Api {
         check_template(&req.template)?;
         if let Some(r) = &req.resources {
             if let Some(m) = &r.memory {
-                check_quantity("memory", m)?;
+                check_quantity("memory", m, &self.inner.config.limits.max_memory)?;
             }
             if let Some(c) = &r.cpu {
-                check_quantity("cpu", c)?;
+                check_quantity("cpu", c, &self.inner.config.limits.max_cpu)?;
             }
         }
         for (what, v) in [("cluster", &req.cluster), ("region", &req.region)] {

@@ -49,6 +49,8 @@ fn bad_tokens() -> Vec<(&'static str, Option<String>)> {
     wrong_aud["aud"] = json!("someone-else");
     let mut wrong_iss = claims("alice");
     wrong_iss["iss"] = json!("evil");
+    let mut not_yet = claims("alice");
+    not_yet["nbf"] = json!(now() + 3600);
     let mut no_exp = claims("alice");
     no_exp.as_object_mut().unwrap().remove("exp");
     let alg_none = format!(
@@ -68,6 +70,7 @@ fn bad_tokens() -> Vec<(&'static str, Option<String>)> {
         ("wrong audience", Some(sign(&wrong_aud, SECRET))),
         ("wrong issuer", Some(sign(&wrong_iss, SECRET))),
         ("no exp", Some(sign(&no_exp, SECRET))),
+        ("nbf in the future", Some(sign(&not_yet, SECRET))),
         ("alg none", Some(alg_none)),
         (
             "bad signature",
@@ -133,6 +136,14 @@ async fn every_endpoint_refuses_every_bad_token_with_401() {
             if what == "expired" {
                 assert!(detail.contains("expired"), "{detail}");
             }
+            if what == "nbf in the future" {
+                assert!(detail.contains("not valid yet"), "{detail}");
+            }
+            // An unauthenticated caller learns what is wrong, not what would be right.
+            assert!(
+                !detail.contains("streamspace-api") && !detail.contains("\"streamspace\""),
+                "{what}: {detail}"
+            );
         }
     }
     assert_eq!(gw.count("sessions").await, 0, "nothing was created");
@@ -164,4 +175,33 @@ async fn a_valid_token_with_the_role_claim_as_a_string_is_admin() {
     c["roles"] = json!(["user"]);
     let a = gw.get("/api/v1/admin/agents", &sign(&c, SECRET)).await;
     a.problem(StatusCode::FORBIDDEN);
+}
+
+#[tokio::test]
+async fn grpc_refuses_every_bad_token_with_unauthenticated() {
+    use streamspace_proto::api::v1 as pb;
+    let gw = TestGateway::start().await;
+    let mut sessions = pb::session_service_client::SessionServiceClient::new(gw.channel().await);
+    let mut admin =
+        pb::agent_admin_service_client::AgentAdminServiceClient::new(gw.channel().await);
+    for (what, token) in bad_tokens() {
+        let with_token = |req: &mut tonic::metadata::MetadataMap| {
+            if let Some(t) = &token {
+                req.insert("authorization", format!("Bearer {t}").parse().unwrap());
+            }
+        };
+        let mut list = tonic::Request::new(pb::ListSessionsRequest::default());
+        with_token(list.metadata_mut());
+        let err = sessions.list_sessions(list).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unauthenticated, "{what}: {err:?}");
+        assert!(
+            !err.message().contains("streamspace-api"),
+            "{what}: {}",
+            err.message()
+        );
+        let mut agents = tonic::Request::new(pb::ListAgentsRequest {});
+        with_token(agents.metadata_mut());
+        let err = admin.list_agents(agents).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unauthenticated, "{what}: {err:?}");
+    }
 }

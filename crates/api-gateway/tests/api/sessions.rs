@@ -120,6 +120,37 @@ async fn limits_are_enforced_with_400_413_and_415() {
         let a = gw.create(&alice, body.clone()).await;
         a.problem(StatusCode::BAD_REQUEST);
     }
+    // Quantities are read as numbers and held to the configured maximum (32Gi, 16 cores).
+    for (resources, says) in [
+        (
+            json!({"memory": "99999Ti"}),
+            "more than a session may have (32Gi)",
+        ),
+        (json!({"memory": "33Gi"}), "more than a session may have"),
+        (json!({"cpu": "17"}), "more than a session may have (16)"),
+        (json!({"cpu": "0"}), "positive"),
+    ] {
+        let detail = gw
+            .create(
+                &alice,
+                json!({"template": "firefox", "resources": resources}),
+            )
+            .await
+            .problem(StatusCode::BAD_REQUEST);
+        assert!(detail.contains(says), "{resources}: {detail}");
+    }
+    let at_the_limit = gw
+        .create(
+            &alice,
+            json!({"template": "firefox", "resources": {"memory": "32Gi", "cpu": "16000m"}}),
+        )
+        .await;
+    assert_eq!(
+        at_the_limit.status,
+        StatusCode::ACCEPTED,
+        "{:?}",
+        at_the_limit.body
+    );
     let huge = json!({"template": "firefox", "cluster": "c".repeat(64 * 1024)});
     gw.create(&alice, huge)
         .await
@@ -138,7 +169,7 @@ async fn limits_are_enforced_with_400_413_and_415() {
     gw.get("/api/v1/sessions?owner=bob", &alice)
         .await
         .problem(StatusCode::BAD_REQUEST);
-    assert_eq!(gw.count("sessions").await, 0);
+    assert_eq!(gw.count("sessions").await, 1, "only the one at the limit");
 }
 
 #[tokio::test]
