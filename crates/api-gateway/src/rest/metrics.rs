@@ -62,11 +62,28 @@ impl HttpMetrics {
     }
 }
 
+/// The method as a label: the standard ones by name, anything else `OTHER` — a method is
+/// any token a client sends, and each new one would otherwise add series (memory) for
+/// unauthenticated callers.
+fn method_label(method: &axum::http::Method) -> &'static str {
+    use axum::http::Method as M;
+    match *method {
+        M::GET => "GET",
+        M::POST => "POST",
+        M::PUT => "PUT",
+        M::DELETE => "DELETE",
+        M::PATCH => "PATCH",
+        M::HEAD => "HEAD",
+        M::OPTIONS => "OPTIONS",
+        _ => "OTHER",
+    }
+}
+
 /// Middleware: times the request and records it under its route template (never the raw
 /// path, so ids do not explode the label set).
 pub async fn track(State(metrics): State<Arc<HttpMetrics>>, req: Request, next: Next) -> Response {
     let started = Instant::now();
-    let method = req.method().as_str().to_owned();
+    let method = method_label(req.method()).to_owned();
     let route = req
         .extensions()
         .get::<MatchedPath>()

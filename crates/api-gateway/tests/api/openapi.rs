@@ -68,8 +68,16 @@ async fn health_readiness_and_metrics() {
     assert_eq!(get("/healthz").await.status, StatusCode::OK);
     let ready = get("/readyz").await;
     assert_eq!(ready.status, StatusCode::OK, "{:?}", ready.body);
+    // Methods nobody defined are counted as one label, not one series each.
+    for verb in ["BREW", "WHEN", "XYZZY"] {
+        let m = Method::from_bytes(verb.as_bytes()).unwrap();
+        gw.call(m, "/api/v1/sessions", None, None, &[]).await;
+    }
     let metrics = get("/metrics").await;
     assert_eq!(metrics.status, StatusCode::OK);
+    let text = metrics.body.as_str().unwrap();
+    assert!(!text.contains("BREW") && !text.contains("XYZZY"), "{text}");
+    assert!(text.contains("method=\"OTHER\""), "{text}");
     let text = metrics.body.as_str().unwrap();
     assert!(
         text.contains("streamspace_commands_enqueued_total"),
