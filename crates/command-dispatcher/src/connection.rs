@@ -116,7 +116,16 @@ pub async fn accept(
         let epoch = agents::agent_connect(shared.queue.pool(), &agent_id, &owner, &info)
             .await
             .map_err(|e| internal(&agent_id, e))?;
-        let served = handshake(&shared, &agent_id, &owner, epoch, &hello, inbound).await;
+        let served = handshake(
+            &shared,
+            &agent_id,
+            &identity.credential_id,
+            &owner,
+            epoch,
+            &hello,
+            inbound,
+        )
+        .await;
         if served.is_err() {
             shared.registry.unregister(&agent_id, epoch);
         }
@@ -137,6 +146,7 @@ pub async fn accept(
 async fn handshake(
     shared: &Arc<Shared>,
     agent_id: &str,
+    credential_id: &str,
     owner: &str,
     epoch: i64,
     hello: &pb::Hello,
@@ -245,6 +255,7 @@ async fn handshake(
     let conn = Connection {
         shared: shared.clone(),
         agent_id: agent_id.to_owned(),
+        credential_id: credential_id.to_owned(),
         owner: owner.to_owned(),
         epoch,
         wake,
@@ -266,6 +277,8 @@ enum Ended {
     StreamError(Status),
     Silent(Duration),
     Superseded,
+    /// The credential the connection was made with has been revoked.
+    Revoked,
     Shutdown,
     /// This replica cannot reach its database (see [`crate::health`]).
     DatabaseLost,
@@ -276,6 +289,8 @@ enum Ended {
 struct Connection {
     shared: Arc<Shared>,
     agent_id: String,
+    /// The credential the connection was made with; checked on every heartbeat.
+    credential_id: String,
     /// Lease owner of every command claimed through this connection.
     owner: String,
     epoch: i64,
@@ -311,6 +326,9 @@ impl Connection {
                 "no message from the agent for {d:?}"
             ))),
             Ended::Shutdown => Some(Status::unavailable("dispatcher shutting down; reconnect")),
+            Ended::Revoked => Some(Status::unauthenticated(
+                "the agent credential of this connection was revoked",
+            )),
             Ended::DatabaseLost => Some(Status::unavailable(
                 "dispatcher lost its database; reconnect (to another replica)",
             )),
@@ -427,7 +445,7 @@ impl Connection {
                 let beat = if heartbeat {
                     self.heartbeat().await
                 } else {
-                    Ok(true)
+                    Ok(None)
                 };
                 (beat, self.apply(&mut backlog).await)
             };
@@ -438,8 +456,8 @@ impl Connection {
                 _ = db_ok.wait_for(|ok| !*ok) => return Ended::DatabaseLost,
             };
             match beat {
-                Ok(true) => failed_heartbeats = 0,
-                Ok(false) => return Ended::Superseded,
+                Ok(None) => failed_heartbeats = 0,
+                Ok(Some(end)) => return end,
                 Err(e) => {
                     failed_heartbeats += 1;
                     self.shared
@@ -555,12 +573,15 @@ impl Connection {
         }
     }
 
-    /// Records liveness (fenced by epoch) and renews exactly the leases in flight.
-    /// `Ok(false)`: this connection has been superseded.
-    async fn heartbeat(&self) -> Result<bool, streamspace_core::Error> {
+    /// Records liveness (fenced by epoch) and renews exactly the leases in flight; or
+    /// says why this connection must end (superseded, or its credential revoked).
+    async fn heartbeat(&self) -> Result<Option<Ended>, streamspace_core::Error> {
         let pool = self.shared.queue.pool();
+        if !agents::credential_active(pool, &self.credential_id).await? {
+            return Ok(Some(Ended::Revoked));
+        }
         if !agents::agent_heartbeat(pool, &self.agent_id, self.epoch).await? {
-            return Ok(false);
+            return Ok(Some(Ended::Superseded));
         }
         let held: Vec<(String, i64)> = self
             .lock_in_flight()
@@ -571,7 +592,7 @@ impl Connection {
             .queue
             .command_lease_extend(&self.owner, &held)
             .await?;
-        Ok(true)
+        Ok(None)
     }
 
     /// Writes the backlog; commands whose result was written leave the in-flight window
@@ -616,6 +637,12 @@ impl Connection {
             Ended::DatabaseLost | Ended::HeartbeatsFailing(_) => {
                 tracing::warn!(agent_id, epoch = self.epoch, reason = ?ended, "closing the agent's stream: no database")
             }
+            Ended::Revoked => tracing::warn!(
+                agent_id,
+                epoch = self.epoch,
+                credential_id = %self.credential_id,
+                "the connection's credential was revoked; closing its stream"
+            ),
             other => {
                 tracing::info!(agent_id, epoch = self.epoch, reason = ?other, "agent connection ended")
             }

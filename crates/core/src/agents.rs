@@ -177,6 +177,17 @@ pub async fn credential_revoke(
     Ok(())
 }
 
+/// Whether credential `credential_id` is still valid (exists and is not revoked): a live
+/// connection made with it checks on each heartbeat, so a revocation ends it.
+pub async fn credential_active(exec: impl PgExecutor<'_>, credential_id: &str) -> Result<bool> {
+    Ok(sqlx::query_scalar!(
+        r#"SELECT EXISTS (SELECT 1 FROM agent_credentials WHERE credential_id = $1 AND revoked_at IS NULL) AS "active!""#,
+        credential_id,
+    )
+    .fetch_one(exec)
+    .await?)
+}
+
 /// The agent a bearer token belongs to, if the token is known and not revoked.
 pub async fn agent_authenticate(pool: &PgPool, token: &str) -> Result<Option<AgentIdentity>> {
     if !token.starts_with(CREDENTIAL_PREFIX) {

@@ -51,6 +51,35 @@ async fn missing_wrong_and_revoked_credentials_are_rejected() {
     assert_eq!(err.code(), tonic::Code::Unauthenticated);
 }
 
+/// Revoking a credential also ends the stream already open with it, at its next
+/// heartbeat, and the agent shows offline; until then it was served as usual.
+#[tokio::test]
+async fn revoking_a_credential_ends_its_live_stream() {
+    let d = TestDispatcher::start().await;
+    let token = d.agent("agent-a").await;
+    let mut agent = RawAgent::connect(&d.url(), &token).await;
+    agent.heartbeat().await;
+    eventually("the agent online", LIMIT, || async {
+        d.agent_online("agent-a").await.then_some(())
+    })
+    .await;
+
+    let cred: (String,) = sqlx::query_as("SELECT credential_id FROM agent_credentials")
+        .fetch_one(&d.pool)
+        .await
+        .unwrap();
+    streamspace_core::agents::credential_revoke(&d.pool, "agent-a", &cred.0)
+        .await
+        .unwrap();
+    let beating = crate::helpers::keep_beating(&agent.tx, Duration::from_millis(50));
+    assert_eq!(agent.end_status(LIMIT).await, tonic::Code::Unauthenticated);
+    beating.abort();
+    eventually("the agent offline", LIMIT, || async {
+        (!d.agent_online("agent-a").await).then_some(())
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn the_first_message_must_be_hello_with_a_known_protocol_version() {
     let d = TestDispatcher::start().await;
