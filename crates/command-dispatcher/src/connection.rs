@@ -577,11 +577,11 @@ impl Connection {
     /// says why this connection must end (superseded, or its credential revoked).
     async fn heartbeat(&self) -> Result<Option<Ended>, streamspace_core::Error> {
         let pool = self.shared.queue.pool();
-        if !agents::credential_active(pool, &self.credential_id).await? {
-            return Ok(Some(Ended::Revoked));
-        }
         if !agents::agent_heartbeat(pool, &self.agent_id, self.epoch).await? {
             return Ok(Some(Ended::Superseded));
+        }
+        if !agents::credential_active(pool, &self.credential_id).await? {
+            return Ok(Some(Ended::Revoked));
         }
         let held: Vec<(String, i64)> = self
             .lock_in_flight()
