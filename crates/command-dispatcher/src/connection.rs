@@ -70,6 +70,11 @@ impl Drop for HandshakeGauge<'_> {
     }
 }
 
+/// The most sessions (and commands in progress) one agent may list in a `Hello` or
+/// `Heartbeat`: an inventory is applied row by row, so an unbounded one from a single
+/// credential would tie up the database for every other agent.
+pub const MAX_INVENTORY: usize = 10_000;
+
 /// Performs the handshake and starts serving the connection; returns the outbound stream.
 pub async fn accept(
     shared: Arc<Shared>,
@@ -91,6 +96,13 @@ pub async fn accept(
             ));
         }
     };
+    if hello.sessions.len() > MAX_INVENTORY || hello.commands_in_progress.len() > MAX_INVENTORY {
+        return Err(Status::invalid_argument(format!(
+            "Hello lists {} sessions and {} commands in progress; at most {MAX_INVENTORY} of each",
+            hello.sessions.len(),
+            hello.commands_in_progress.len()
+        )));
+    }
     if hello.protocol_version != pb::PROTOCOL_VERSION {
         return Err(Status::failed_precondition(format!(
             "agent speaks protocol version {}; this dispatcher speaks {}",
@@ -527,7 +539,9 @@ impl Connection {
                 }
             }
             Some(Msg::Heartbeat(h)) => {
-                if !h.inventory_unknown {
+                if h.sessions.len() > MAX_INVENTORY {
+                    tracing::warn!(agent_id = %self.agent_id, sessions = h.sessions.len(), "heartbeat inventory over the limit ignored");
+                } else if !h.inventory_unknown {
                     let observed: Vec<Observation> =
                         h.sessions.iter().filter_map(convert::observation).collect();
                     if !observed.is_empty() {

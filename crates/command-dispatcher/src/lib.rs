@@ -31,6 +31,7 @@ use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
 
 pub use config::{DispatcherConfig, MaintenanceConfig};
+pub use connection::MAX_INVENTORY;
 pub use maintenance::{CommandPruner, LeaseRescuer};
 
 use registry::Registry;

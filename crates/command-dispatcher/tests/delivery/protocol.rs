@@ -81,6 +81,25 @@ async fn revoking_a_credential_ends_its_live_stream() {
 }
 
 #[tokio::test]
+async fn an_inventory_over_the_limit_is_refused() {
+    let d = TestDispatcher::start().await;
+    let token = d.agent("agent-a").await;
+    let too_many = (0..=streamspace_command_dispatcher::MAX_INVENTORY)
+        .map(|i| pb::SessionObservation {
+            session_id: format!("s-{i}"),
+            state: pb::SessionState::Running as i32,
+            ..Default::default()
+        })
+        .collect();
+    let err = open(&d.url(), Some(&token), hello(too_many))
+        .await
+        .expect_err("refused");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("at most 10000"), "{}", err.message());
+    assert!(!d.agent_online("agent-a").await, "never connected");
+}
+
+#[tokio::test]
 async fn the_first_message_must_be_hello_with_a_known_protocol_version() {
     let d = TestDispatcher::start().await;
     let token = d.agent("agent-a").await;
