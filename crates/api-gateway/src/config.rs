@@ -202,6 +202,8 @@ pub struct SessionLimits {
     pub max_memory: String,
     /// A Kubernetes quantity of cores, e.g. `16` or `500m`.
     pub max_cpu: String,
+    /// Active (not terminated or failed) sessions one user may have; 0: no limit.
+    pub max_active_sessions_per_user: u32,
 }
 
 impl Default for SessionLimits {
@@ -209,6 +211,7 @@ impl Default for SessionLimits {
         Self {
             max_memory: "32Gi".into(),
             max_cpu: "16".into(),
+            max_active_sessions_per_user: 100,
         }
     }
 }

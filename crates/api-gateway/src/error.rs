@@ -43,6 +43,9 @@ pub enum ApiError {
     /// 429.
     #[error("rate limit exceeded; retry in {} s", retry_after.as_secs().max(1))]
     RateLimited { retry_after: Duration },
+    /// 429: a per-user quota is used up; waiting alone does not help.
+    #[error("{0}")]
+    QuotaExceeded(String),
     /// 503: nothing can serve the request now; retry later.
     #[error("{message}")]
     Unavailable {
@@ -63,6 +66,7 @@ impl From<streamspace_core::Error> for ApiError {
             E::Conflict(msg) => ApiError::Conflict(msg),
             E::InvalidInput(msg) => ApiError::Invalid(msg),
             E::InvalidTransition { .. } => ApiError::Conflict(e.to_string()),
+            E::QuotaExceeded(msg) => ApiError::QuotaExceeded(msg),
             E::NoEligibleAgent(msg) => ApiError::Unavailable {
                 message: msg,
                 retry_after: None,
@@ -88,7 +92,9 @@ impl ApiError {
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::IdempotencyMismatch(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::RateLimited { .. } | ApiError::QuotaExceeded(_) => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -107,6 +113,7 @@ impl ApiError {
             ApiError::UnsupportedMediaType(_) => "unsupported-media-type",
             ApiError::IdempotencyMismatch(_) => "idempotency-key-reused",
             ApiError::RateLimited { .. } => "rate-limited",
+            ApiError::QuotaExceeded(_) => "quota-exceeded",
             ApiError::Unavailable { .. } => "unavailable",
             ApiError::Internal(_) => "internal",
         }
@@ -150,7 +157,7 @@ impl ApiError {
             ApiError::MethodNotAllowed(_) => Code::Unimplemented,
             ApiError::Conflict(_) | ApiError::IdempotencyMismatch(_) => Code::FailedPrecondition,
             ApiError::AlreadyExists(_) => Code::AlreadyExists,
-            ApiError::RateLimited { .. } => Code::ResourceExhausted,
+            ApiError::RateLimited { .. } | ApiError::QuotaExceeded(_) => Code::ResourceExhausted,
             ApiError::Unavailable { .. } => Code::Unavailable,
             ApiError::Internal(_) => Code::Internal,
         };

@@ -76,4 +76,8 @@ pub enum Error {
     /// No agent can take a new session right now; the message says what was looked for.
     #[error("no eligible agent: {0}")]
     NoEligibleAgent(String),
+
+    /// The caller already has as many active sessions as allowed.
+    #[error("{0}")]
+    QuotaExceeded(String),
 }

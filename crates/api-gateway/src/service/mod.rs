@@ -286,6 +286,8 @@ impl Api {
             },
             offline_after: self.inner.config.offline_after(),
             trace_context: caller.traceparent.clone(),
+            max_active_per_user: Some(self.inner.config.limits.max_active_sessions_per_user)
+                .filter(|max| *max > 0),
         };
         let created = sessions::session_create(&mut tx, &new)
             .await

@@ -545,3 +545,56 @@ async fn unknown_routes_and_methods_answer_problem_json() {
         .await
         .problem(StatusCode::METHOD_NOT_ALLOWED);
 }
+
+/// One user cannot hold more than `limits.max_active_sessions_per_user` active sessions:
+/// the next create is 429 `quota-exceeded` (gRPC `RESOURCE_EXHAUSTED`) and creates nothing;
+/// other users are not affected, and stopping a session frees its place.
+#[tokio::test]
+async fn a_user_over_the_session_quota_gets_429_and_nothing_is_created() {
+    use streamspace_proto::api::v1 as pb;
+    let gw = TestGateway::start_with(|c| c.limits.max_active_sessions_per_user = 2).await;
+    gw.online_agent("a-1", "default").await;
+    let alice = gw.token("alice");
+    let (first, _) = gw.create_ok(&alice).await;
+    gw.create_ok(&alice).await;
+    let over = gw
+        .create(&alice, json!({"template": "firefox-browser"}))
+        .await;
+    assert_eq!(
+        over.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "{:?}",
+        over.body
+    );
+    assert_eq!(over.body["type"], "urn:streamspace:problem:quota-exceeded");
+    assert!(
+        over.str("detail").contains("most allowed is 2"),
+        "{:?}",
+        over.body
+    );
+    assert_eq!(gw.count("sessions").await, 2, "nothing was created");
+
+    let mut grpc = pb::session_service_client::SessionServiceClient::new(gw.channel().await);
+    let mut req = tonic::Request::new(pb::CreateSessionRequest {
+        template: "firefox-browser".into(),
+        ..Default::default()
+    });
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {alice}").parse().unwrap());
+    let err = grpc.create_session(req).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+
+    // Someone else still can; and a stopped session (its start never sent) frees a place.
+    gw.create_ok(&gw.token("bob")).await;
+    let d = gw
+        .call(
+            Method::DELETE,
+            &format!("/api/v1/sessions/{first}"),
+            Some(&alice),
+            None,
+            &[],
+        )
+        .await;
+    assert_eq!(d.str("state"), "terminated");
+    gw.create_ok(&alice).await;
+}

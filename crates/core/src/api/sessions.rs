@@ -49,6 +49,9 @@ pub struct NewSession {
     pub offline_after: Duration,
     /// W3C `traceparent` of the request, carried by the start command.
     pub trace_context: Option<String>,
+    /// At most this many of the user's sessions may be active (not terminated or failed);
+    /// `None`: no limit.
+    pub max_active_per_user: Option<u32>,
 }
 
 /// A created session and its start command.
@@ -97,9 +100,39 @@ pub fn session_id_new(user_id: &str, template: &str) -> String {
     format!("{user}-{template}-{}", hex::encode(suffix))
 }
 
+/// [`Error::QuotaExceeded`] when `user_id` already has `max` active sessions. Takes a
+/// per-user transaction lock first, so two concurrent creates by one user are counted
+/// one after the other (other users are not held up).
+async fn session_quota_check(conn: &mut PgConnection, user_id: &str, max: u32) -> Result<()> {
+    sqlx::query!(
+        "SELECT pg_advisory_xact_lock(hashtextextended('session-quota:' || $1, 0))",
+        user_id
+    )
+    .execute(&mut *conn)
+    .await?;
+    let active = sqlx::query_scalar!(
+        r#"
+        SELECT count(*) AS "n!" FROM sessions
+        WHERE user_id = $1 AND state NOT IN ('terminated', 'failed')
+        "#,
+        user_id,
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    if active >= i64::from(max) {
+        return Err(Error::QuotaExceeded(format!(
+            "you already have {active} active sessions, the most allowed is {max}; stop one first"
+        )));
+    }
+    Ok(())
+}
+
 /// Creates a session on the chosen agent and enqueues its `start_session`, in the
 /// caller's transaction. [`Error::NoEligibleAgent`] when no agent qualifies.
 pub async fn session_create(conn: &mut PgConnection, new: &NewSession) -> Result<SessionCreated> {
+    if let Some(max) = new.max_active_per_user {
+        session_quota_check(conn, &new.user_id, max).await?;
+    }
     let agent_id = agent_choose(conn, &new.placement, new.offline_after).await?;
     let resources = serde_json::to_value(new.resources.clone().unwrap_or_default())
         .map_err(|e| Error::InvalidInput(format!("resources: {e}")))?;
