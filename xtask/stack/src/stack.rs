@@ -13,15 +13,42 @@ use streamspace_core::agents::{self, NewAgent};
 
 use crate::supervisor::{Spec, Supervised, bin_dir};
 
-/// Development-only gateway settings: dev tokens on, a fixed local signing secret.
-/// Never used outside `up` and e2e runs.
-pub const GATEWAY_DEV_ENV: &[(&str, &str)] = &[
-    ("STREAMSPACE_AUTH__DEV_TOKENS", "true"),
-    (
-        "STREAMSPACE_AUTH__HMAC_SECRET",
-        "streamspace-local-development-secret-not-for-production",
-    ),
-];
+/// Development-only gateway settings: dev tokens on (signed with the stack's own random
+/// secret, [`StackOptions::signing_secret`]). Never used outside `up` and e2e runs.
+pub const GATEWAY_DEV_ENV: &[(&str, &str)] = &[("STREAMSPACE_AUTH__DEV_TOKENS", "true")];
+
+/// A fresh random HMAC secret (64 hex digits).
+pub fn random_secret() -> String {
+    format!(
+        "{}{}",
+        uuid::Uuid::new_v4().simple(),
+        uuid::Uuid::new_v4().simple()
+    )
+}
+
+/// The signing secret kept in `path` (created 0600 with a random one on first use), so the
+/// tokens `up` printed keep working when it is started again on the same directory — and
+/// no secret is a constant in the source.
+pub fn signing_secret_in(path: &Path) -> anyhow::Result<String> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    if let Ok(secret) = std::fs::read_to_string(path) {
+        let secret = secret.trim().to_owned();
+        if secret.len() >= 32 {
+            return Ok(secret);
+        }
+    }
+    let secret = random_secret();
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    writeln!(file, "{secret}")?;
+    Ok(secret)
+}
 
 /// How long a service may take to become healthy.
 pub const START_TIMEOUT: Duration = Duration::from_secs(60);
@@ -54,6 +81,8 @@ pub struct StackOptions {
     /// Put a loopback proxy between each agent and its dispatcher (to partition or cut
     /// them); the proxy is `AgentProc::proxy`.
     pub agent_proxies: bool,
+    /// The gateway's HMAC signing secret (development tokens are minted with it).
+    pub signing_secret: String,
 }
 
 impl StackOptions {
@@ -72,6 +101,7 @@ impl StackOptions {
             service_database_url: None,
             gateway_env: vec![],
             agent_proxies: false,
+            signing_secret: random_secret(),
         }
     }
 }
@@ -431,6 +461,10 @@ impl Stack {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string())),
         );
+        env.push((
+            "STREAMSPACE_AUTH__HMAC_SECRET".into(),
+            self.options.signing_secret.clone(),
+        ));
         env.extend(self.options.gateway_env.iter().cloned());
         env
     }

@@ -58,6 +58,7 @@ pub async fn run(opts: UpOptions) -> anyhow::Result<()> {
     let mut stack = Stack::start(StackOptions {
         echo: true,
         default_ports: true,
+        signing_secret: crate::stack::signing_secret_in(&dir.join("signing-secret"))?,
         ..StackOptions::new(
             cluster.url("postgres"),
             dir.join("run"),
