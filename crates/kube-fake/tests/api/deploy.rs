@@ -466,6 +466,81 @@ fn every_overlay_renders_parses_and_fits_together() {
     }
 }
 
+/// Sessions run users' code: in every overlay their namespace denies all traffic by
+/// default, no rule lets a session reach another session (or anything in the cluster's
+/// private ranges or the metadata endpoint), and ingress comes only from namespaces
+/// labelled as fronting sessions.
+#[test]
+fn sessions_are_isolated_by_default_deny_network_policies() {
+    for dir in overlays() {
+        let overlay = dir.file_name().unwrap().to_string_lossy().into_owned();
+        let r = rendered(&dir);
+        let in_sessions: Vec<&NetworkPolicy> = r
+            .policies
+            .values()
+            .filter(|p| p.metadata.namespace.as_deref() == Some("streamspace-sessions"))
+            .collect();
+        let deny_all = in_sessions.iter().any(|p| {
+            let spec = p.spec.as_ref().unwrap();
+            spec.pod_selector.as_ref().is_none_or(|s| {
+                s.match_labels.as_ref().is_none_or(|l| l.is_empty())
+                    && s.match_expressions.as_ref().is_none_or(|e| e.is_empty())
+            }) && spec.policy_types.as_deref()
+                == Some(&["Ingress".to_owned(), "Egress".to_owned()][..])
+                && spec.ingress.is_none()
+                && spec.egress.is_none()
+        });
+        assert!(deny_all, "{overlay}: no default-deny policy for sessions");
+        for p in &in_sessions {
+            let name = p.metadata.name.clone().unwrap_or_default();
+            let spec = p.spec.as_ref().unwrap();
+            for rule in spec.ingress.iter().flatten() {
+                let from = rule.from.as_deref().unwrap_or_default();
+                assert!(!from.is_empty(), "{overlay}/{name}: ingress from anywhere");
+                for peer in from {
+                    let fronting = peer
+                        .namespace_selector
+                        .as_ref()
+                        .and_then(|s| s.match_labels.as_ref())
+                        .is_some_and(|l| {
+                            l.get("streamspace.io/fronts-sessions").map(String::as_str)
+                                == Some("true")
+                        });
+                    assert!(fronting, "{overlay}/{name}: ingress from {peer:?}");
+                }
+            }
+            for rule in spec.egress.iter().flatten() {
+                for peer in rule.to.iter().flatten() {
+                    if let Some(block) = &peer.ip_block {
+                        let except = block.except.clone().unwrap_or_default();
+                        for private in [
+                            "10.0.0.0/8",
+                            "172.16.0.0/12",
+                            "192.168.0.0/16",
+                            "169.254.0.0/16",
+                        ] {
+                            assert!(
+                                except.iter().any(|e| e == private),
+                                "{overlay}/{name}: egress to {} reaches {private}",
+                                block.cidr
+                            );
+                        }
+                    } else {
+                        let dns = peer
+                            .pod_selector
+                            .as_ref()
+                            .and_then(|s| s.match_labels.as_ref())
+                            .is_some_and(|l| {
+                                l.get("k8s-app").map(String::as_str) == Some("kube-dns")
+                            });
+                        assert!(dns, "{overlay}/{name}: egress to {peer:?}");
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn production_runs_three_replicas_and_carries_no_placeholder_secrets() {
     let r = rendered(&repo_root().join("deploy/overlays/production"));
