@@ -102,7 +102,13 @@ pub struct PgCluster {
     watchdog: Option<Child>,
     /// What it was started with, to start it again after [`PgCluster::crash`].
     restart: Option<(Binaries, RunAs, ClusterOptions)>,
+    /// The superuser's password for TCP connections (`None` for a cluster an older
+    /// version created with trust everywhere).
+    password: Option<String>,
 }
+
+/// File in the cluster's root holding the superuser's password.
+const PASSWORD_FILE: &str = "superuser-password";
 
 /// The server binaries of one installation.
 #[derive(Clone, Debug)]
@@ -205,6 +211,21 @@ impl RunAs {
     }
 }
 
+/// Writes `text` to a new file readable by its owner only.
+fn write_private(path: &Path, text: &str) -> Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut file = fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io(format!("creating {}", path.display())))?;
+    file.write_all(text.as_bytes())
+        .map_err(io(format!("writing {}", path.display())))
+}
+
 impl PgCluster {
     /// Creates (if needed) and starts a cluster; returns once it accepts connections.
     pub fn start(options: ClusterOptions) -> Result<Self> {
@@ -230,18 +251,32 @@ impl PgCluster {
             postgres: None,
             watchdog: None,
             restart: Some((bins.clone(), run_as, options.clone())),
+            password: None,
         };
         let data = cluster.data_dir();
+        let password_file = cluster.root.join(PASSWORD_FILE);
         if !data.join("PG_VERSION").is_file() {
+            // TCP connections need the superuser's password (random, kept 0600 in the
+            // root, which is 0700): other local users cannot reach the cluster. The Unix
+            // socket lives in that root too, so trust on it reaches only its owner.
+            let password = format!(
+                "{}{}",
+                uuid::Uuid::new_v4().simple(),
+                uuid::Uuid::new_v4().simple()
+            );
+            write_private(&password_file, &password)?;
+            run_as.own(&password_file)?;
             let out = run_as
                 .command(&bins.path("initdb"))
                 .args([
-                    "--auth=trust",
+                    "--auth-local=trust",
+                    "--auth-host=scram-sha-256",
                     "--username=postgres",
                     "--encoding=UTF8",
                     "--locale=C.UTF-8",
                 ])
                 .arg("--no-sync")
+                .arg(format!("--pwfile={}", password_file.display()))
                 .arg("--pgdata")
                 .arg(&data)
                 .stdin(Stdio::null())
@@ -254,6 +289,11 @@ impl PgCluster {
                 });
             }
         }
+
+        cluster.password = fs::read_to_string(&password_file)
+            .ok()
+            .map(|p| p.trim().to_owned())
+            .filter(|p| !p.is_empty());
 
         let mut last_err = None;
         for _ in 0..3 {
@@ -388,9 +428,23 @@ impl PgCluster {
         self.port
     }
 
-    /// URL of database `dbname` as the superuser `postgres` (trust auth on loopback).
+    /// URL of database `dbname` as the superuser `postgres` (with its password).
     pub fn url(&self, dbname: &str) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/{dbname}", self.port)
+        match &self.password {
+            Some(pw) => format!("postgres://postgres:{pw}@127.0.0.1:{}/{dbname}", self.port),
+            None => format!("postgres://postgres@127.0.0.1:{}/{dbname}", self.port),
+        }
+    }
+
+    /// [`PgCluster::url`] with the password masked, for printing.
+    pub fn display_url(&self, dbname: &str) -> String {
+        let pw = if self.password.is_some() { ":***" } else { "" };
+        format!("postgres://postgres{pw}@127.0.0.1:{}/{dbname}", self.port)
+    }
+
+    /// Where the superuser's password is kept.
+    pub fn password_file(&self) -> PathBuf {
+        self.root.join(PASSWORD_FILE)
     }
 
     /// The server's log file.

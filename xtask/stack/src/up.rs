@@ -50,8 +50,9 @@ pub async fn run(opts: UpOptions) -> anyhow::Result<()> {
     })
     .await??;
     say!(
-        "PostgreSQL ready: {} (data in {})",
-        cluster.url("postgres"),
+        "PostgreSQL ready: {} (password in {}; data in {})",
+        cluster.display_url("postgres"),
+        cluster.password_file().display(),
         cluster.data_dir().display()
     );
 
