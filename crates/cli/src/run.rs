@@ -59,7 +59,7 @@ pub async fn run(flags: Flags) -> Result<ExitCode> {
     if token.is_empty() {
         return Err(CliError::new(
             Kind::Unauthenticated,
-            "no token: pass --token or --token-file, or set STREAMSPACE_TOKEN (development: `streamspace-api-gateway mint-token --user NAME`)",
+            "no token: set STREAMSPACE_TOKEN or pass --token-file PATH (development: `streamspace-api-gateway mint-token --user NAME`)",
         ));
     }
     let bearer = format!("Bearer {token}").parse().or_kind(Kind::Usage, || {
