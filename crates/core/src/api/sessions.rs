@@ -293,7 +293,11 @@ pub async fn session_stop(
         }
         _ => {}
     }
-    if let Some(start) = start_never_sent(conn, id).await? {
+    // Only these states can have a start that was never sent; `starting`, `running`,
+    // `hibernated` and `failed` come after the start was delivered (or ended), so they skip
+    // the look.
+    let start_may_be_unsent = matches!(state.as_str(), "pending" | "hibernating" | "waking");
+    if start_may_be_unsent && let Some(start) = start_never_sent(conn, id).await? {
         // The dispatcher may claim the start between our look and the cancel; the cancel
         // is conditional on `pending`, and when it loses that race we queue a stop below.
         match CommandQueue::command_cancel(
@@ -364,12 +368,13 @@ async fn open_commands_after(
     )
     .fetch_all(&mut *conn)
     .await?;
-    rows.into_iter()
-        .map(|c| {
-            c.parse()
-                .map_err(|e| Error::InvalidInput(format!("stored command id: {e}")))
-        })
-        .collect()
+    rows.into_iter().map(|c| stored_command_id(&c)).collect()
+}
+
+/// A command id read back from the database.
+fn stored_command_id(id: &str) -> Result<CommandId> {
+    id.parse()
+        .map_err(|e| Error::InvalidInput(format!("stored command id: {e}")))
 }
 
 /// The state session `id` will be in once its accepted commands have run: the target of
@@ -419,11 +424,7 @@ async fn start_never_sent(conn: &mut PgConnection, id: &str) -> Result<Option<Co
     )
     .fetch_optional(&mut *conn)
     .await?;
-    row.map(|c| {
-        c.parse()
-            .map_err(|e| Error::InvalidInput(format!("stored command id: {e}")))
-    })
-    .transpose()
+    row.as_deref().map(stored_command_id).transpose()
 }
 
 /// Hibernates a session that is, or will be once its accepted commands have run,
