@@ -85,7 +85,7 @@ impl CommandQueue {
     /// Leases up to `limit` deliverable commands of one agent to `owner`, oldest first.
     ///
     /// Deliverable means: `pending`, due (`next_attempt_at` passed), not expired, and no
-    /// earlier command of the same session still unfinished. Rows locked by a concurrent
+    /// earlier command of the same session still unfinished (the session's head). Rows locked by a concurrent
     /// claimer are skipped, never waited for. Undecodable rows are quarantined here, so
     /// one bad row never stops the rest of the queue.
     pub async fn command_claim(&self, params: ClaimParams<'_>) -> Result<ClaimBatch> {
@@ -114,6 +114,10 @@ impl CommandQueue {
                 FROM agent_commands c
                 WHERE c.agent_id = $1
                   AND c.status = 'pending'
+                  -- Only the oldest open command of each session (or one without a
+                  -- session): the partial claim index holds just these, so a claim reads
+                  -- O(limit) rows however deep the backlogs behind them (migration 6).
+                  AND c.session_head
                   AND c.next_attempt_at <= now()
                   AND (c.expires_at IS NULL OR c.expires_at > now())
                   AND ($5::int8 IS NULL OR EXISTS (SELECT 1 FROM fence))

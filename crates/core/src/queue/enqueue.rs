@@ -82,9 +82,18 @@ impl CommandQueue {
         cmd.validate(&payload)?;
         let inserted = sqlx::query!(
             r#"
+            -- The session's order lock is taken before the row, and so its `seq`, is
+            -- formed: a session's commands are numbered in the order they commit
+            -- (migration 6 explains the lock).
+            WITH session_lock AS MATERIALIZED (
+                SELECT pg_advisory_xact_lock(21325, hashtext(s))
+                FROM (VALUES ($3::text)) AS v(s) WHERE s IS NOT NULL
+            )
             INSERT INTO agent_commands (command_id, agent_id, session_id, action, payload,
                                         max_attempts, idempotency_key, expires_at, trace_context)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+            SELECT $1::text, $2::text, $3::text, $4::text, $5::jsonb, $6::int4, $7::text,
+                   $8::timestamptz, $9::text
+            WHERE (SELECT count(*) FROM session_lock) >= 0
             ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
             RETURNING seq, created_at
             "#,
@@ -181,6 +190,13 @@ impl CommandQueue {
         }
         let rows = sqlx::query!(
             r#"
+            -- Every session's order lock first, in one global order (no two bulk
+            -- enqueues can deadlock), before any row and its `seq` is formed.
+            WITH session_locks AS MATERIALIZED (
+                SELECT pg_advisory_xact_lock(21325, k.h)
+                FROM (SELECT DISTINCT hashtext(s) AS h FROM UNNEST($3::text[]) AS s
+                      WHERE s IS NOT NULL ORDER BY 1) AS k
+            )
             INSERT INTO agent_commands (command_id, agent_id, session_id, action, payload,
                                         max_attempts, idempotency_key, expires_at, trace_context)
             SELECT command_id, agent_id, session_id, action, payload,
@@ -189,6 +205,7 @@ impl CommandQueue {
                         $6::int4[], $7::text[], $8::timestamptz[], $9::text[])
                  WITH ORDINALITY AS n(command_id, agent_id, session_id, action, payload,
                                       max_attempts, idempotency_key, expires_at, trace_context, ord)
+            WHERE (SELECT count(*) FROM session_locks) >= 0
             ORDER BY ord
             ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
             RETURNING command_id, seq, created_at

@@ -34,6 +34,9 @@ pub struct CommandRecord {
     pub idempotency_key: Option<String>,
     pub expires_at: Option<DateTime<Utc>>,
     pub trace_context: Option<String>,
+    /// The oldest open command of its session (or one without a session): only a head is
+    /// claimable. Meaningful while the command is open (migration 6).
+    pub session_head: bool,
 }
 
 impl CommandQueue {

@@ -2,6 +2,7 @@
 
 mod concurrency;
 mod fencing;
+mod heads;
 mod helpers;
 mod lifecycle;
 mod registry;
