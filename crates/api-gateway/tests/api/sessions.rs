@@ -231,6 +231,69 @@ async fn no_eligible_agent_is_503_with_retry_after() {
 }
 
 #[tokio::test]
+async fn a_create_racing_for_an_agents_last_place_waits_and_then_finds_it_taken() {
+    use streamspace_core::api::sessions::session_create;
+    use streamspace_core::api::{NewSession, Placement};
+
+    let gw = TestGateway::start().await;
+    gw.agent("cap-1", "capped").await;
+    sqlx::query("UPDATE agents SET max_sessions = 1 WHERE agent_id = 'cap-1'")
+        .execute(&gw.pool)
+        .await
+        .unwrap();
+    let new = |user: &str| NewSession {
+        user_id: user.into(),
+        template: "xterm".into(),
+        resources: None,
+        placement: Placement {
+            cluster: Some("capped".into()),
+            region: None,
+        },
+        offline_after: std::time::Duration::from_secs(15),
+        trace_context: None,
+        max_active_per_user: None,
+    };
+    // The first create takes the last place and has not committed yet...
+    let mut first = gw.pool.begin().await.unwrap();
+    session_create(&mut first, &new("alice")).await.unwrap();
+    // ...when a second one, by another user, looks for a place.
+    let second = {
+        let (pool, new) = (gw.pool.clone(), new("bob"));
+        tokio::spawn(async move {
+            let mut tx = pool.begin().await.unwrap();
+            let out = session_create(&mut tx, &new).await;
+            tx.commit().await.unwrap();
+            out
+        })
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let waiting: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND NOT granted)",
+        )
+        .fetch_one(&gw.pool)
+        .await
+        .unwrap();
+        if waiting || second.is_finished() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the second create neither finished nor waited"
+        );
+        tokio::task::yield_now().await;
+    }
+    first.commit().await.unwrap();
+    let err = second.await.unwrap().unwrap_err();
+    assert!(err.to_string().contains("max_sessions"), "{err}");
+    assert_eq!(
+        gw.count("sessions").await,
+        1,
+        "the agent holds one session, its maximum"
+    );
+}
+
+#[tokio::test]
 async fn placement_picks_the_least_loaded_online_agent_in_the_requested_place() {
     let gw = TestGateway::start().await;
     gw.online_agent("a-1", "default").await;

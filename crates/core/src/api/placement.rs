@@ -3,8 +3,14 @@
 //! The least-loaded *online* agent that matches the caller's optional cluster and region
 //! and has room (`max_sessions`). An offline agent is eligible only when the caller names
 //! its cluster: the start command then waits in the queue until the agent returns.
-//! Placements are serialised by a transaction-scoped advisory lock, so sessions created in
-//! parallel see each other's load instead of all landing on the same agent.
+//!
+//! Placements do not wait for each other: a create reads the agents' loads as committed
+//! and picks, so creates in parallel may land on the same least-loaded agent (a spread of
+//! a few sessions, corrected by the next sequential creates). Only a *capacity* needs
+//! serialising: when the chosen agent has `max_sessions`, the create takes that agent's
+//! transaction lock and counts again, so no two creates can both take its last place.
+//! (Before, every create in the system queued behind one global lock held through its
+//! commit's fsync.)
 
 use std::time::Duration;
 
@@ -12,8 +18,11 @@ use sqlx::PgConnection;
 
 use crate::error::{Error, Result};
 
-/// Advisory lock key that serialises placements ("STRPLC" in ASCII).
-const PLACEMENT_LOCK: i64 = 0x5354_5250_4c43;
+/// Advisory lock class of an agent's capacity (with `hashtext(agent_id)` as the key).
+const CAPACITY_LOCK_CLASS: i32 = 21326;
+
+/// How many full agents a create passes over before it gives up.
+const MAX_PLACEMENT_TRIES: usize = 8;
 
 /// Where the caller wants the session; `None` means any.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -33,45 +42,72 @@ impl Placement {
 }
 
 /// Chooses the agent for a new session, inside the caller's transaction (which then holds
-/// the placement lock until it ends). [`Error::NoEligibleAgent`] when none qualifies.
+/// the chosen agent's capacity lock, if it has a capacity, until it ends).
+/// [`Error::NoEligibleAgent`] when none qualifies.
 pub async fn agent_choose(
     conn: &mut PgConnection,
     placement: &Placement,
     offline_after: Duration,
 ) -> Result<String> {
-    sqlx::query!(
-        r#"SELECT 1 AS "locked!" FROM pg_advisory_xact_lock($1)"#,
-        PLACEMENT_LOCK
-    )
-    .fetch_one(&mut *conn)
-    .await?;
-    let chosen = sqlx::query_scalar!(
-        r#"
-        SELECT a.agent_id
-        FROM agents a
-        CROSS JOIN LATERAL (
-            SELECT count(*) AS active FROM sessions s
-            WHERE s.agent_id = a.agent_id AND s.state NOT IN ('terminated', 'failed')
-        ) load
-        CROSS JOIN LATERAL (
-            SELECT (a.connected_owner IS NOT NULL
-                    AND a.last_heartbeat_at > now() - make_interval(secs => $3)) AS online
-        ) live
-        WHERE ($1::text IS NULL OR a.cluster = $1)
-          AND ($2::text IS NULL OR a.region = $2)
-          AND (a.max_sessions IS NULL OR load.active < a.max_sessions)
-          AND (live.online OR $1::text IS NOT NULL)
-        ORDER BY live.online DESC, load.active, a.agent_id
-        LIMIT 1
-        "#,
-        placement.cluster,
-        placement.region,
-        offline_after.as_secs_f64(),
-    )
-    .fetch_optional(&mut *conn)
-    .await?;
-    if let Some(agent_id) = chosen {
-        return Ok(agent_id);
+    let mut full: Vec<String> = Vec::new();
+    while full.len() < MAX_PLACEMENT_TRIES {
+        let Some(chosen) = sqlx::query!(
+            r#"
+            SELECT a.agent_id, a.max_sessions
+            FROM agents a
+            CROSS JOIN LATERAL (
+                SELECT count(*) AS active FROM sessions s
+                WHERE s.agent_id = a.agent_id AND s.state NOT IN ('terminated', 'failed')
+            ) load
+            CROSS JOIN LATERAL (
+                SELECT (a.connected_owner IS NOT NULL
+                        AND a.last_heartbeat_at > now() - make_interval(secs => $3)) AS online
+            ) live
+            WHERE ($1::text IS NULL OR a.cluster = $1)
+              AND ($2::text IS NULL OR a.region = $2)
+              AND (a.max_sessions IS NULL OR load.active < a.max_sessions)
+              AND (live.online OR $1::text IS NOT NULL)
+              AND a.agent_id <> ALL($4)
+            ORDER BY live.online DESC, load.active, a.agent_id
+            LIMIT 1
+            "#,
+            placement.cluster,
+            placement.region,
+            offline_after.as_secs_f64(),
+            &full,
+        )
+        .fetch_optional(&mut *conn)
+        .await?
+        else {
+            break;
+        };
+        let Some(max) = chosen.max_sessions else {
+            return Ok(chosen.agent_id);
+        };
+        // The last places of a capped agent: count again under its lock, so concurrent
+        // creates take them one at a time. Two statements: the count's snapshot must be
+        // taken after the lock is granted, to see what the previous holder committed.
+        sqlx::query!(
+            "SELECT pg_advisory_xact_lock($1, hashtext($2))",
+            CAPACITY_LOCK_CLASS,
+            chosen.agent_id,
+        )
+        .execute(&mut *conn)
+        .await?;
+        let room = sqlx::query_scalar!(
+            r#"
+            SELECT count(*) < $2::int4 AS "room!" FROM sessions
+            WHERE agent_id = $1 AND state NOT IN ('terminated', 'failed')
+            "#,
+            chosen.agent_id,
+            max,
+        )
+        .fetch_one(&mut *conn)
+        .await?;
+        if room {
+            return Ok(chosen.agent_id);
+        }
+        full.push(chosen.agent_id);
     }
     if placement.cluster.is_some() || placement.region.is_some() {
         // A named place where no agent exists at all is the caller's mistake, not a
