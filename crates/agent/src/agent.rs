@@ -30,7 +30,9 @@ use crate::config::{AgentConfig, RuntimeKind};
 use crate::error::{Error, Result};
 use crate::executor::Executor;
 use crate::runtime::faulty::{FaultyRuntime, Op as FaultOp, Schedule};
-use crate::runtime::{KubernetesRuntime, Observation, ProcessRuntime, SessionRuntime};
+use crate::runtime::{
+    KubernetesRuntime, Observation, ProcessRuntime, RecordRuntime, SessionRuntime,
+};
 
 /// Messages queued for the writer before `send` waits. Small: beyond it, HTTP/2 flow
 /// control should slow the producers down rather than memory absorbing a stalled peer.
@@ -123,6 +125,12 @@ impl Agent {
             }
             RuntimeKind::Kubernetes => {
                 Arc::new(KubernetesRuntime::connect(&config.kubernetes).await?)
+            }
+            RuntimeKind::Record => {
+                tracing::warn!(
+                    "runtime \"record\": sessions are only remembered, nothing runs (benchmarks only)"
+                );
+                Arc::new(RecordRuntime::new())
             }
         };
         let rate = config.fault_injection.runtime_failure_rate;

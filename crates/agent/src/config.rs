@@ -36,6 +36,10 @@ pub enum RuntimeKind {
     /// ([`KubernetesRuntime`](crate::runtime::KubernetesRuntime)), configured by the
     /// `[kubernetes]` section.
     Kubernetes,
+    /// Nothing runs: sessions are remembered in memory
+    /// ([`RecordRuntime`](crate::runtime::RecordRuntime)). For measuring the pipeline
+    /// (`cargo xtask bench`), never for serving users.
+    Record,
 }
 
 impl RuntimeKind {
@@ -43,6 +47,7 @@ impl RuntimeKind {
         match self {
             RuntimeKind::Process => "process",
             RuntimeKind::Kubernetes => "kubernetes",
+            RuntimeKind::Record => "record",
         }
     }
 }

@@ -12,6 +12,7 @@ pub mod journal;
 pub mod kubernetes;
 pub mod process;
 mod procfs;
+pub mod record;
 
 use std::fmt;
 
@@ -26,6 +27,7 @@ pub use tonic::async_trait;
 
 pub use kubernetes::{KubeTemplate, KubernetesConfig, KubernetesRuntime};
 pub use process::{Catalog, Effects, ProcessRuntime, ProcessRuntimeConfig, Template};
+pub use record::RecordRuntime;
 
 /// Where a session stands, as its runtime sees it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -160,7 +162,7 @@ impl RuntimeError {
 ///   runtime must not be left in a state that the next call cannot repair.
 #[async_trait]
 pub trait SessionRuntime: fmt::Debug + Send + Sync + 'static {
-    /// Short name sent in `Hello.runtime`: `"process"` or `"kubernetes"`.
+    /// Short name sent in `Hello.runtime`: `"process"`, `"kubernetes"` or `"record"`.
     fn name(&self) -> &'static str;
 
     /// Extra capabilities advertised in `Hello` (e.g. `template:firefox-browser`).
