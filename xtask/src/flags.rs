@@ -99,7 +99,8 @@ pub struct SqlxPrepareFlags {
 
 #[derive(Debug, clap::Args)]
 pub struct BenchFlags {
-    /// Passed to `streamspace-stack bench` (e.g. `--commands 100000 --claimers 8`).
+    /// Passed to `streamspace-stack bench`: `--profile quick|full`, `--only NAME[,NAME]`,
+    /// `--runs N`, `--out DIR`.
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     pub args: Vec<String>,
 }

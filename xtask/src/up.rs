@@ -78,7 +78,8 @@ pub fn chaos(flags: ChaosFlags) -> anyhow::Result<()> {
 /// Benchmarks are measured on an optimised build; the figures go to `target/bench/`.
 pub fn bench(flags: BenchFlags) -> anyhow::Result<()> {
     let mut build = cargo();
-    build.args(["build", "--release", "--package", "streamspace-stack"]);
+    // The services too: the benchmarks start them from next to the stack binary.
+    build.args(["build", "--release", "--workspace", "--bins"]);
     exec(build)?;
     let mut cmd = Command::new(root().join("target/release/streamspace-stack"));
     cmd.current_dir(root()).arg("bench").args(&flags.args);

@@ -32,17 +32,17 @@ enum Flags {
         #[arg(long, default_value_t = 60)]
         crash_loop_window_s: u64,
     },
-    /// Measure the queue's throughput (fsync on).
+    /// The performance figures (fsync on): every benchmark, or `--only` some.
     Bench {
-        #[arg(long, default_value_t = 50_000)]
-        commands: usize,
-        #[arg(long, default_value_t = 500)]
-        sessions: usize,
-        #[arg(long, default_value_t = 4)]
-        claimers: usize,
-        #[arg(long, default_value_t = 256)]
-        batch: i64,
-        #[arg(long, default_value = "target/bench/queue.json")]
+        #[arg(long, value_enum, default_value = "quick")]
+        profile: streamspace_stack::bench::Profile,
+        /// Run only these (repeat or comma-separate), e.g. `--only queue-fifo-deep`.
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
+        /// Runs per benchmark (default: 1 quick, 3 full).
+        #[arg(long)]
+        runs: Option<usize>,
+        #[arg(long, default_value = "target/bench")]
         out: PathBuf,
     },
     /// Faults under a steady workload, every operation accounted for.
@@ -103,19 +103,18 @@ async fn main() -> anyhow::Result<()> {
             .await
         }
         Flags::Bench {
-            commands,
-            sessions,
-            claimers,
-            batch,
+            profile,
+            only,
+            runs,
             out,
         } => {
-            let opts = streamspace_stack::bench::BenchOptions {
-                commands,
-                sessions,
-                claimers,
-                batch,
-            };
-            streamspace_stack::bench::run(opts, &out).await
+            streamspace_stack::bench::run(streamspace_stack::bench::BenchOptions {
+                profile,
+                only,
+                runs,
+                out_dir: out,
+            })
+            .await
         }
         Flags::Chaos {
             scenario,

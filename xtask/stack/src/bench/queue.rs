@@ -1,0 +1,126 @@
+//! The queue alone: bulk enqueue, then claimers looping `command_claim` ->
+//! `command_complete`, through the same `CommandQueue` calls the dispatcher makes.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+use anyhow::Context;
+use serde_json::json;
+use streamspace_core::CommandQueue;
+use streamspace_core::command::{CommandKind, StopSession};
+use streamspace_core::queue::{ClaimParams, Completion, NewCommand, QueueConfig};
+
+use super::{Env, Run};
+
+const COMMANDS: usize = 50_000;
+const SESSIONS: usize = 500;
+const CLAIMERS: usize = 4;
+const BATCH: i64 = 256;
+
+pub async fn independent(env: &Env) -> anyhow::Result<Run> {
+    let (enqueue, drain) = drain(env, COMMANDS, 0).await?;
+    Ok(Run {
+        value: drain,
+        secondary: None,
+        details: json!({ "commands": COMMANDS, "claimers": CLAIMERS, "batch": BATCH,
+                         "enqueue_per_s": enqueue }),
+    })
+}
+
+/// 500 sessions x 100 commands; the full profile adds the depth series (20k, 50k, 200k
+/// commands over the same 500 sessions), which shows whether a claim's cost grows with
+/// the backlog.
+pub async fn fifo_deep(env: &Env) -> anyhow::Result<Run> {
+    let (enqueue, value) = drain(env, COMMANDS, SESSIONS).await?;
+    let mut series = Vec::new();
+    if env.full() {
+        for commands in [20_000, 50_000, 200_000] {
+            let (enqueue, drain) = drain(env, commands, SESSIONS).await?;
+            series.push(json!({ "commands": commands, "sessions": SESSIONS,
+                                "per_session": commands / SESSIONS,
+                                "enqueue_per_s": enqueue, "drain_per_s": drain }));
+        }
+    }
+    Ok(Run {
+        value,
+        secondary: None,
+        details: json!({ "commands": COMMANDS, "sessions": SESSIONS, "claimers": CLAIMERS,
+                         "batch": BATCH, "enqueue_per_s": enqueue, "depth_series": series }),
+    })
+}
+
+/// `(enqueue/s, claim+complete/s)` for `commands` spread round-robin over `sessions`
+/// (0: no session) in a fresh database.
+pub async fn drain(env: &Env, commands: usize, sessions: usize) -> anyhow::Result<(f64, f64)> {
+    let url = env.fresh_database().await?;
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(CLAIMERS as u32 + 2)
+        .connect(&url)
+        .await?;
+    streamspace_core::db::ensure_schema(&pool, streamspace_core::db::SchemaPolicy::Migrate).await?;
+    crate::stack::register_agent(&pool, "bench").await?;
+    let queue = CommandQueue::new(pool.clone(), QueueConfig::default())?;
+
+    let cmds: Vec<NewCommand> = (0..commands)
+        .map(|i| {
+            let session = (sessions > 0).then(|| format!("s-{}", i % sessions));
+            NewCommand::new(
+                "bench",
+                session,
+                CommandKind::StopSession(StopSession::default()),
+            )
+        })
+        .collect();
+    let started = Instant::now();
+    let mut conn = pool.acquire().await?;
+    for chunk in cmds.chunks(1_000) {
+        CommandQueue::command_enqueue_many(&mut conn, chunk).await?;
+    }
+    drop(conn);
+    let enqueue_per_s = commands as f64 / started.elapsed().as_secs_f64();
+    sqlx::query("CHECKPOINT").execute(&pool).await?;
+
+    let done = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for n in 0..CLAIMERS {
+        let queue = queue.clone();
+        let done = done.clone();
+        tasks.spawn(async move {
+            let owner = format!("bench-{n}");
+            while done.load(Ordering::Relaxed) < commands {
+                let claimed = queue
+                    .command_claim(ClaimParams {
+                        agent_id: "bench",
+                        owner: &owner,
+                        limit: BATCH,
+                        epoch: None,
+                    })
+                    .await?;
+                if claimed.commands.is_empty() {
+                    tokio::task::yield_now().await;
+                    continue;
+                }
+                let completions: Vec<Completion> = claimed
+                    .commands
+                    .iter()
+                    .filter_map(|c| c.lease.clone())
+                    .map(|lease| Completion {
+                        lease,
+                        result: None,
+                    })
+                    .collect();
+                queue.command_complete(&completions).await?;
+                done.fetch_add(completions.len(), Ordering::Relaxed);
+            }
+            anyhow::Ok(())
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.context("claimer")??;
+    }
+    let drain_per_s = commands as f64 / started.elapsed().as_secs_f64();
+    pool.close().await;
+    Ok((enqueue_per_s, drain_per_s))
+}
