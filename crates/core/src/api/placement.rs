@@ -53,22 +53,31 @@ pub async fn agent_choose(
     while full.len() < MAX_PLACEMENT_TRIES {
         let Some(chosen) = sqlx::query!(
             r#"
-            SELECT a.agent_id, a.max_sessions
-            FROM agents a
-            CROSS JOIN LATERAL (
-                SELECT count(*) AS active FROM sessions s
-                WHERE s.agent_id = a.agent_id AND s.state NOT IN ('terminated', 'failed')
-            ) load
-            CROSS JOIN LATERAL (
-                SELECT (a.connected_owner IS NOT NULL
+            WITH candidates AS (
+                SELECT a.agent_id, a.max_sessions,
+                       (a.connected_owner IS NOT NULL
                         AND a.last_heartbeat_at > now() - make_interval(secs => $3)) AS online
-            ) live
-            WHERE ($1::text IS NULL OR a.cluster = $1)
-              AND ($2::text IS NULL OR a.region = $2)
-              AND (a.max_sessions IS NULL OR load.active < a.max_sessions)
-              AND (live.online OR $1::text IS NOT NULL)
-              AND a.agent_id <> ALL($4)
-            ORDER BY live.online DESC, load.active, a.agent_id
+                FROM agents a
+                WHERE ($1::text IS NULL OR a.cluster = $1)
+                  AND ($2::text IS NULL OR a.region = $2)
+                  AND a.agent_id <> ALL($4)
+            )
+            SELECT c.agent_id AS "agent_id!", c.max_sessions
+            FROM candidates c
+            CROSS JOIN LATERAL (
+                -- Load decides only between several candidates or against a capacity;
+                -- a lone uncapped candidate is taken without counting its sessions.
+                SELECT CASE
+                    WHEN c.max_sessions IS NULL AND (SELECT count(*) FROM candidates) = 1
+                        THEN 0
+                    ELSE (SELECT count(*) FROM sessions s
+                          WHERE s.agent_id = c.agent_id
+                            AND s.state NOT IN ('terminated', 'failed'))
+                    END AS active
+            ) load
+            WHERE (c.max_sessions IS NULL OR load.active < c.max_sessions)
+              AND (c.online OR $1::text IS NOT NULL)
+            ORDER BY c.online DESC, load.active, c.agent_id
             LIMIT 1
             "#,
             placement.cluster,
