@@ -6,7 +6,7 @@
 //! |---|---|---|---|
 //! | [`Mode::Pass`] | bytes flow both ways | forwarded | a healthy network |
 //! | [`Mode::Hold`] | requests flow; replies are held back until the mode changes | forwarded | a peer whose answers are late |
-//! | [`Mode::HoldPgCompletions`] | PostgreSQL only: requests flow, and so do replies up to the next `CommandComplete`, which is held with everything after it | forwarded | a statement that executed (and, outside an explicit transaction, committed) but whose reply is late or lost |
+//! | [`Mode::HoldPgCompletions`] | PostgreSQL only: requests flow, and so do replies up to the next `CommandComplete` of a statement sent after the mode was set, which is held with everything after it | forwarded | a statement that executed (and, outside an explicit transaction, committed) but whose reply is late or lost |
 //! | [`Mode::HoldPgRowCompletions`] | as above, but only the completion of a statement that returned rows is held; statements without rows complete | forwarded | the reply of a `… RETURNING` (a claim that leased something) lost, while everything else works |
 //! | [`Mode::Blackhole`] | bytes are swallowed both ways; nothing is closed | accepted, never answered | a partition: no RST, only silence |
 //! | [`Mode::Down`] | closed at once | accepted and closed at once | a server restart: refused, then back |
@@ -19,9 +19,10 @@
 //! Invariant: bytes are never reordered or duplicated; held replies are released in order.
 #![forbid(unsafe_code)]
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -49,6 +50,23 @@ struct Control {
     mode: Mode,
     /// Bumped by `sever` (and on entering `Down`): connections born before close.
     generation: u64,
+    /// Bumped by every mode change; request cycles are tagged with it when forwarded.
+    version: u64,
+    /// The `version` that entered the current PostgreSQL hold mode: only replies to
+    /// requests forwarded since then are held. A reply still on its way when the mode was
+    /// set belongs to a statement the caller did not mean to hold.
+    hold_since: u64,
+}
+
+impl Control {
+    fn change(&mut self, mode: Mode) {
+        self.version += 1;
+        let pg_hold = matches!(mode, Mode::HoldPgCompletions | Mode::HoldPgRowCompletions);
+        if pg_hold && self.mode != mode {
+            self.hold_since = self.version;
+        }
+        self.mode = mode;
+    }
 }
 
 /// A running proxy. Dropping it stops accepting and closes every connection.
@@ -75,6 +93,8 @@ impl FaultProxy {
         let (control, control_rx) = watch::channel(Control {
             mode: Mode::Pass,
             generation: 0,
+            version: 0,
+            hold_since: 0,
         });
         let stats = Arc::new(Stats::default());
         let task = tokio::spawn(accept_loop(listener, target, control_rx, stats.clone()));
@@ -118,7 +138,7 @@ impl FaultProxy {
             if mode == Mode::Down && c.mode != Mode::Down {
                 c.generation += 1;
             }
-            c.mode = mode;
+            c.change(mode);
         });
     }
 
@@ -161,7 +181,7 @@ impl FaultProxy {
         tracing::info!(proxy = %self.addr, ?mode, "fault proxy severs every connection");
         self.control.send_modify(|c| {
             c.generation += 1;
-            c.mode = mode;
+            c.change(mode);
         });
     }
 
@@ -233,23 +253,34 @@ async fn serve(
     let (cr, cw) = client.into_split();
     let (sr, sw) = server.into_split();
     let mut severed = control.clone();
-    let ssl_probe = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let shared = Arc::new(Shared::default());
     tokio::select! {
         // First: a sever wins over a mode change seen at the same time.
         biased;
         _ = severed.wait_for(|c| c.generation != born) => {}
-        () = pump(cr, sw, control.clone(), Direction::Request(ssl_probe.clone())) => {}
-        () = pump(sr, cw, control.clone(), Direction::Reply(ssl_probe)) => {}
+        () = pump(cr, sw, control.clone(), Direction::Request(shared.clone())) => {}
+        () = pump(sr, cw, control.clone(), Direction::Reply(shared)) => {}
     }
     // Dropping every half closes both sockets.
 }
 
-/// Which way a pump copies. Both carry the flag the request side sets when the client
-/// opened with a PostgreSQL `SSLRequest`/`GSSENCRequest`, whose one-byte answer is the only
-/// unframed message the server sends.
+/// What the two pumps of one connection share.
+#[derive(Debug, Default)]
+struct Shared {
+    /// Set by the request side when the client opened with a PostgreSQL
+    /// `SSLRequest`/`GSSENCRequest`, whose one-byte answer is the only unframed message the
+    /// server sends.
+    encryption_requested: std::sync::atomic::AtomicBool,
+    /// One entry per request cycle forwarded and not yet answered (the start-up, each
+    /// `Sync`, `Query` and `FunctionCall`: each gets exactly one `ReadyForQuery`), holding
+    /// the control `version` it was forwarded under.
+    cycles: Mutex<VecDeque<u64>>,
+}
+
+/// Which way a pump copies.
 enum Direction {
-    Request(Arc<std::sync::atomic::AtomicBool>),
-    Reply(Arc<std::sync::atomic::AtomicBool>),
+    Request(Arc<Shared>),
+    Reply(Arc<Shared>),
 }
 
 /// Copies `from` to `to` under the current mode. `Hold` and `HoldPgCompletions` delay the
@@ -263,6 +294,7 @@ async fn pump(
     let mut buf = vec![0u8; 16 * 1024];
     let mut swallowed = false;
     let mut framing: Option<PgFraming> = None;
+    let mut requests = ClientFraming::default();
     let mut first = true;
     loop {
         let n = tokio::select! {
@@ -274,15 +306,21 @@ async fn pump(
             _ = control.wait_for(|c| c.mode != Mode::Blackhole), if swallowed => return,
         };
         let reply = match &direction {
-            Direction::Request(probe) => {
+            Direction::Request(shared) => {
                 if first && is_pg_encryption_request(&buf[..n]) {
-                    probe.store(true, Ordering::SeqCst);
+                    shared.encryption_requested.store(true, Ordering::SeqCst);
                 }
+                let version = control.borrow().version;
+                requests.scan(&buf[..n], || {
+                    if let Ok(mut cycles) = shared.cycles.lock() {
+                        cycles.push_back(version);
+                    }
+                });
                 false
             }
-            Direction::Reply(probe) => {
+            Direction::Reply(shared) => {
                 if first {
-                    framing = Some(PgFraming::new(probe.load(Ordering::SeqCst)));
+                    framing = Some(PgFraming::new(shared.clone()));
                 }
                 true
             }
@@ -290,7 +328,9 @@ async fn pump(
         first = false;
         let mut start = 0;
         while start < n {
-            let mode = control.borrow_and_update().mode;
+            let Control {
+                mode, hold_since, ..
+            } = *control.borrow_and_update();
             let upto = match mode {
                 Mode::Blackhole => {
                     swallowed = true;
@@ -305,11 +345,11 @@ async fn pump(
                     };
                     framing
                         .as_mut()
-                        .map(|f| start + f.scan(&buf[start..n], stop))
+                        .map(|f| start + f.scan(&buf[start..n], stop, hold_since))
                 }
                 _ => {
                     if let Some(f) = framing.as_mut() {
-                        f.scan(&buf[start..n], Stop::Never);
+                        f.scan(&buf[start..n], Stop::Never, hold_since);
                     }
                     Some(n)
                 }
@@ -348,10 +388,80 @@ enum Stop {
     CompletionAfterRows,
 }
 
+/// Follows the framing of PostgreSQL's client messages, to tag each request cycle with the
+/// mode version it was forwarded under. The first message (or two, after an encryption
+/// request) has no type byte: a length and a code.
+#[derive(Debug, Default)]
+struct ClientFraming {
+    /// Past the untyped start of the connection.
+    typed: bool,
+    remaining: usize,
+    header: [u8; 8],
+    header_len: usize,
+}
+
+/// `CancelRequest`'s code: its connection carries nothing else and gets no answer.
+const PG_CANCEL_CODE: u32 = 80_877_102;
+
+impl ClientFraming {
+    /// Advances over `buf`, calling `cycle` for every message that starts a request cycle.
+    fn scan(&mut self, buf: &[u8], mut cycle: impl FnMut()) {
+        let mut i = 0;
+        while i < buf.len() {
+            if self.remaining > 0 {
+                let n = self.remaining.min(buf.len() - i);
+                self.remaining -= n;
+                i += n;
+                continue;
+            }
+            self.header[self.header_len] = buf[i];
+            self.header_len += 1;
+            i += 1;
+            if self.typed && self.header_len == 5 {
+                let len = u32::from_be_bytes([
+                    self.header[1],
+                    self.header[2],
+                    self.header[3],
+                    self.header[4],
+                ]);
+                if matches!(self.header[0], b'S' | b'Q' | b'F') {
+                    cycle();
+                }
+                self.remaining = (len as usize).saturating_sub(4);
+                self.header_len = 0;
+            } else if !self.typed && self.header_len == 8 {
+                let len = u32::from_be_bytes([
+                    self.header[0],
+                    self.header[1],
+                    self.header[2],
+                    self.header[3],
+                ]);
+                let code = u32::from_be_bytes([
+                    self.header[4],
+                    self.header[5],
+                    self.header[6],
+                    self.header[7],
+                ]);
+                if !is_pg_encryption_request(&self.header) {
+                    // The start-up message (answered by the first ReadyForQuery).
+                    self.typed = true;
+                    if code != PG_CANCEL_CODE {
+                        cycle();
+                    }
+                }
+                self.remaining = (len as usize).saturating_sub(8);
+                self.header_len = 0;
+            }
+        }
+    }
+}
+
 /// Follows the framing of PostgreSQL's server messages (type byte, then a length that
 /// counts itself), so a reply can be cut at a message boundary.
 #[derive(Debug)]
 struct PgFraming {
+    /// The connection's request cycles, to tell which request a reply answers.
+    shared: Arc<Shared>,
     /// A `DataRow` passed since the last `ReadyForQuery`/`CommandComplete`.
     rows: bool,
     /// Unframed bytes still to come (the answer to an encryption request).
@@ -363,8 +473,10 @@ struct PgFraming {
 }
 
 impl PgFraming {
-    fn new(encryption_requested: bool) -> Self {
+    fn new(shared: Arc<Shared>) -> Self {
+        let encryption_requested = shared.encryption_requested.load(Ordering::SeqCst);
         Self {
+            shared,
             rows: false,
             unframed: usize::from(encryption_requested),
             remaining: 0,
@@ -374,8 +486,10 @@ impl PgFraming {
     }
 
     /// Advances over `buf` and returns how many bytes it consumed: all of them, or up to
-    /// the start of the first message where `stop` says to stop.
-    fn scan(&mut self, buf: &[u8], stop: Stop) -> usize {
+    /// the start of the first message where `stop` says to stop — a completion answering
+    /// a request forwarded at mode version `hold_since` or later (or one whose request
+    /// the proxy did not see).
+    fn scan(&mut self, buf: &[u8], stop: Stop, hold_since: u64) -> usize {
         let mut i = 0;
         while i < buf.len() {
             if self.unframed > 0 {
@@ -394,13 +508,20 @@ impl PgFraming {
                             Stop::Never => false,
                             Stop::Completion => true,
                             Stop::CompletionAfterRows => self.rows,
-                        };
+                        }
+                        && self.answering() >= hold_since;
                     if stop_here {
                         return i;
                     }
                     match kind {
                         b'D' => self.rows = true,
-                        b'C' | b'Z' => self.rows = false,
+                        b'C' => self.rows = false,
+                        b'Z' => {
+                            self.rows = false;
+                            if let Ok(mut cycles) = self.shared.cycles.lock() {
+                                cycles.pop_front();
+                            }
+                        }
                         _ => {}
                     }
                 }
@@ -420,6 +541,16 @@ impl PgFraming {
             }
         }
         buf.len()
+    }
+
+    /// The mode version of the request cycle being answered now (unknown: the newest).
+    fn answering(&self) -> u64 {
+        self.shared
+            .cycles
+            .lock()
+            .ok()
+            .and_then(|c| c.front().copied())
+            .unwrap_or(u64::MAX)
     }
 }
 
@@ -506,13 +637,13 @@ mod tests {
         wire.push(0);
         for split in 0..wire.len() {
             for stop in [Stop::Completion, Stop::CompletionAfterRows] {
-                let mut f = PgFraming::new(true);
+                let mut f = PgFraming::new(framing_state(true));
                 let (a, b) = wire.split_at(split);
-                let first = f.scan(a, stop);
+                let first = f.scan(a, stop, 0);
                 let found = if first < a.len() {
                     first
                 } else {
-                    a.len() + f.scan(b, stop)
+                    a.len() + f.scan(b, stop, 0)
                 };
                 // A 'C' inside the DataRow's body is not a message start.
                 assert_eq!(found, complete_at, "split at {split}, {stop:?}");
@@ -520,11 +651,53 @@ mod tests {
         }
         // Without rows, only a plain completion hold stops.
         let rowless = [b'1', 0, 0, 0, 4, b'C', 0, 0, 0, 5, 0];
-        assert_eq!(PgFraming::new(false).scan(&rowless, Stop::Completion), 5);
         assert_eq!(
-            PgFraming::new(false).scan(&rowless, Stop::CompletionAfterRows),
+            PgFraming::new(framing_state(false)).scan(&rowless, Stop::Completion, 0),
+            5
+        );
+        assert_eq!(
+            PgFraming::new(framing_state(false)).scan(&rowless, Stop::CompletionAfterRows, 0),
             rowless.len()
         );
+    }
+
+    fn framing_state(encryption_requested: bool) -> Arc<Shared> {
+        let shared = Shared::default();
+        shared
+            .encryption_requested
+            .store(encryption_requested, Ordering::SeqCst);
+        Arc::new(shared)
+    }
+
+    #[test]
+    fn only_completions_of_requests_sent_since_the_hold_are_held() {
+        // Start-up (untyped), then two extended-protocol cycles: Parse+Sync, Execute+Sync.
+        let mut client = vec![0, 0, 0, 9, 0, 3, 0, 0, 0];
+        client.extend_from_slice(&[b'P', 0, 0, 0, 4, b'S', 0, 0, 0, 4]);
+        let shared = framing_state(false);
+        let mut requests = ClientFraming::default();
+        let tag = |v: u64| {
+            let shared = shared.clone();
+            move || shared.cycles.lock().unwrap().push_back(v)
+        };
+        requests.scan(&client, tag(1));
+        requests.scan(&[b'E', 0, 0, 0, 4, b'S', 0, 0, 0, 4], tag(2));
+        assert_eq!(shared.cycles.lock().unwrap().len(), 3);
+
+        // Server: start-up answered (ReadyForQuery), the first statement completes, then
+        // the second. A hold entered at version 2 lets the first completion through and
+        // stops before the second.
+        let ready = [b'Z', 0, 0, 0, 5, b'I'];
+        let complete = [b'C', 0, 0, 0, 5, 0];
+        let mut server = Vec::new();
+        server.extend_from_slice(&ready);
+        server.extend_from_slice(&complete);
+        server.extend_from_slice(&ready);
+        let second_at = server.len();
+        server.extend_from_slice(&complete);
+        server.extend_from_slice(&ready);
+        let mut f = PgFraming::new(shared.clone());
+        assert_eq!(f.scan(&server, Stop::Completion, 2), second_at);
     }
 
     #[tokio::test]
