@@ -453,13 +453,17 @@ impl Connection {
                     }
                 }
             }
+            // Reports first, then the heartbeat that followed them on the stream: a
+            // recorded heartbeat means every report sent before it was written (unless that
+            // write failed and is being retried).
             let step = async {
+                let applied = self.apply(&mut backlog).await;
                 let beat = if heartbeat {
                     self.heartbeat().await
                 } else {
                     Ok(None)
                 };
-                (beat, self.apply(&mut backlog).await)
+                (beat, applied)
             };
             let (beat, applied) = tokio::select! {
                 r = step => r,

@@ -8,7 +8,8 @@
 //!   before it, so a stale `hibernated` can never overwrite the `running` a later wake
 //!   result set. A completion's own observation is applied right after the completions of
 //!   its batch (the last one per session wins), so a drain costs a few statements per
-//!   batch, not per command.
+//!   batch, not per command. A heartbeat is recorded only after the reports that
+//!   preceded it on the stream were written, so a recorded heartbeat vouches for them.
 //! - **Nothing is dropped on a database error.** A segment whose write fails stays at the
 //!   head of the backlog, with everything after it, and is written again (every write is
 //!   idempotent: a repeated ack or result under the same lease is a duplicate, an
