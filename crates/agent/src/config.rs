@@ -62,6 +62,9 @@ pub struct AgentConfig {
     pub dispatcher_url: String,
     /// The bearer token identifying this agent. Never logged.
     pub credential: Secret<String>,
+    /// Allows `http://` (plaintext: the credential and every command in clear) to a host
+    /// other than the loopback interface. Off by default; `--insecure` sets it.
+    pub insecure: bool,
     /// For `https://`: PEM file of the CA that signed the dispatcher's certificate
     /// (default: the WebPKI roots).
     pub tls_ca_file: Option<PathBuf>,
@@ -118,6 +121,7 @@ impl Default for AgentConfig {
         Self {
             dispatcher_url: DEFAULT_DISPATCHER_URL.to_owned(),
             credential: Secret::new(String::new()),
+            insecure: false,
             tls_ca_file: None,
             tls_cert_file: None,
             tls_key_file: None,
@@ -139,6 +143,24 @@ impl Default for AgentConfig {
             fault_injection: FaultInjectionConfig::default(),
         }
     }
+}
+
+/// The host of a URL without its scheme: `host[:port][/…]`, IPv6 in brackets.
+fn url_host(rest: &str) -> &str {
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or(rest);
+    let authority = authority.rsplit('@').next().unwrap_or(authority);
+    if let Some(v6) = authority.strip_prefix('[') {
+        return v6.split(']').next().unwrap_or(v6);
+    }
+    authority.split(':').next().unwrap_or(authority)
+}
+
+/// `localhost`, `127.0.0.0/8` or `::1`: traffic that never leaves the machine.
+fn is_loopback(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 impl AgentConfig {
@@ -173,6 +195,24 @@ impl AgentConfig {
                 "dispatcher_url {:?} must start with http:// or https://",
                 self.dispatcher_url
             ));
+        }
+        if let Some(rest) = self.dispatcher_url.strip_prefix("http://") {
+            let host = url_host(rest);
+            if !self.insecure && !is_loopback(host) {
+                return bad(format!(
+                    "dispatcher_url {:?} is plaintext to {host:?}, which is not this machine: the \
+                     credential and every command would cross the network in clear. Use \
+                     https:// (with tls_ca_file for a private CA), or set insecure = true \
+                     (--insecure) on a network you trust",
+                    self.dispatcher_url
+                ));
+            }
+            if self.tls_ca_file.is_some() || self.tls_cert_file.is_some() {
+                return bad(format!(
+                    "tls_* files are set but dispatcher_url {:?} is http://; use https://",
+                    self.dispatcher_url
+                ));
+            }
         }
         let rate = self.fault_injection.runtime_failure_rate;
         if !(0.0..=1.0).contains(&rate) {
@@ -261,6 +301,7 @@ mod tests {
             None,
             env(&[
                 ("STREAMSPACE_DISPATCHER_URL", "http://10.0.0.1:7001"),
+                ("STREAMSPACE_INSECURE", "true"),
                 ("STREAMSPACE_CREDENTIAL", "tok-123"),
                 ("STREAMSPACE_STATE_DIR", "/var/lib/ss"),
                 ("STREAMSPACE_TEMPLATES__SLEEPY__PROGRAM", "sleep"),
@@ -294,7 +335,49 @@ mod tests {
         assert!(err.to_string().contains("credential"), "{err}");
         let mut config = AgentConfig::new("grpc://x", "t", "/tmp");
         assert!(config.validate().is_err());
-        config.dispatcher_url = "http://x:1".into();
+        config.dispatcher_url = "http://localhost:1".into();
         config.validate().unwrap();
+    }
+
+    #[test]
+    fn plaintext_leaves_the_machine_only_when_told_insecure() {
+        let mut config = AgentConfig::new("http://dispatcher.example:7001", "t", "/tmp");
+        let err = config.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("insecure") && err.contains("https://"),
+            "{err}"
+        );
+        for url in [
+            "http://127.0.0.1:7001",
+            "http://127.8.9.1:7001/",
+            "http://localhost:7001",
+            "http://[::1]:7001",
+        ] {
+            config.dispatcher_url = url.into();
+            config.validate().unwrap_or_else(|e| panic!("{url}: {e}"));
+        }
+        for url in [
+            "http://10.0.0.1:7001",
+            "http://[fd00::1]:7001",
+            "http://127.0.0.1.nip.io",
+        ] {
+            config.dispatcher_url = url.into();
+            assert!(config.validate().is_err(), "{url} accepted");
+        }
+        config.insecure = true;
+        config.validate().unwrap();
+        config.dispatcher_url = "https://dispatcher.example:7001".into();
+        config.insecure = false;
+        config.validate().unwrap();
+        // TLS files with a plaintext URL are a mistake, not a choice.
+        config.dispatcher_url = "http://127.0.0.1:7001".into();
+        config.tls_ca_file = Some("/etc/ca.pem".into());
+        assert!(
+            config
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("https://")
+        );
     }
 }

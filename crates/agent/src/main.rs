@@ -20,6 +20,10 @@ struct Cli {
     /// TOML configuration file (settings: defaults, then this file, then STREAMSPACE_* env).
     #[arg(long, env = "STREAMSPACE_CONFIG")]
     config: Option<PathBuf>,
+    /// Allow a plaintext http:// dispatcher_url to a host other than this machine (the
+    /// credential and commands then cross the network in clear).
+    #[arg(long)]
+    insecure: bool,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -53,12 +57,15 @@ fn main() -> anyhow::Result<()> {
             rt.block_on(streamspace_agent::serve_session::run(&session, host, port))
                 .with_context(|| format!("serving session {session} on {host}:{port}"))
         }
-        None => run_agent(cli.config),
+        None => run_agent(cli.config, cli.insecure),
     }
 }
 
-fn run_agent(config_file: Option<PathBuf>) -> anyhow::Result<()> {
-    let config = AgentConfig::load(config_file.as_deref()).context("loading configuration")?;
+fn run_agent(config_file: Option<PathBuf>, insecure: bool) -> anyhow::Result<()> {
+    let mut config: AgentConfig =
+        streamspace_core::config::load(config_file.as_deref()).context("loading configuration")?;
+    config.insecure |= insecure;
+    config.validate().context("invalid configuration")?;
     streamspace_core::telemetry::init_tracing("info", config.log_json);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -7,6 +7,8 @@ use serde::Deserialize;
 use streamspace_core::config::DatabaseConfig;
 use streamspace_core::queue::QueueConfig;
 
+use crate::tls::TlsConfig;
+
 /// Default agent heartbeat interval, told to each agent in `Welcome`.
 pub const DEFAULT_HEARTBEAT_INTERVAL_MS: u64 = 5_000;
 /// Default silence after which an agent counts as offline: three heartbeats.
@@ -42,6 +44,9 @@ pub struct DispatcherConfig {
     /// fail over to a replica that can reach the database.
     pub db_failures_before_unready: u32,
     pub maintenance: MaintenanceConfig,
+    /// `[tls]`: the agent link over TLS (mutual with `client_ca_file`). Unset: plaintext,
+    /// for loopback and trusted networks only.
+    pub tls: Option<TlsConfig>,
     /// JSON log lines instead of human-readable ones.
     pub log_json: bool,
 }
@@ -64,6 +69,7 @@ impl Default for DispatcherConfig {
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             db_failures_before_unready: DEFAULT_DB_FAILURES_BEFORE_UNREADY,
             maintenance: MaintenanceConfig::default(),
+            tls: None,
             log_json: false,
         }
     }

@@ -81,8 +81,30 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
             "database readiness probes that failed or timed out",
             &stats.db_probe_failures,
         ),
+        (
+            "streamspace_dispatcher_tls_handshake_failures_total",
+            "agent TLS handshakes that failed or timed out",
+            &stats.tls_handshake_failures,
+        ),
     ];
-    for (name, help, value) in counters {
+    let tls_counters = shared.tls.as_ref().map(|tls| {
+        [
+            (
+                "streamspace_dispatcher_tls_reloads_total",
+                "changes of the TLS files that took effect",
+                &tls.reloads,
+            ),
+            (
+                "streamspace_dispatcher_tls_reload_failures_total",
+                "changes of the TLS files that could not be used (the previous ones stay)",
+                &tls.reload_failures,
+            ),
+        ]
+    });
+    for (name, help, value) in counters
+        .into_iter()
+        .chain(tls_counters.into_iter().flatten())
+    {
         text.push_str(&format!(
             "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}\n",
             value.load(Ordering::Relaxed)

@@ -16,6 +16,7 @@ mod maintenance;
 mod registry;
 mod reports;
 mod service;
+mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -33,6 +34,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 pub use config::{DispatcherConfig, MaintenanceConfig};
 pub use connection::MAX_INVENTORY;
 pub use maintenance::{CommandPruner, LeaseRescuer};
+pub use tls::{HANDSHAKE_TIMEOUT, TlsConfig};
 
 use registry::Registry;
 
@@ -48,6 +50,8 @@ pub(crate) struct Shared {
     /// turns `false`, so agents fail over to a replica that can reach the database.
     pub db_ok: watch::Receiver<bool>,
     pub stats: ReplicaStats,
+    /// The agent link's TLS, when configured.
+    pub tls: Option<Arc<tls::TlsState>>,
 }
 
 /// Counters and gauges of this replica (the queue's own counters are process-wide, in
@@ -64,6 +68,9 @@ pub(crate) struct ReplicaStats {
     pub heartbeat_write_errors: AtomicU64,
     /// Database probes that failed or timed out.
     pub db_probe_failures: AtomicU64,
+    /// TLS handshakes that failed or timed out (a client without a valid certificate,
+    /// a plaintext client on a TLS port).
+    pub tls_handshake_failures: AtomicU64,
 }
 
 /// A built dispatcher, bound to its address, not yet serving.
@@ -90,6 +97,12 @@ impl App {
             .context("connecting to the database")?;
         db::ensure_schema(&pool, policy).await?;
         let queue = CommandQueue::new(pool, config.queue.clone())?;
+        let tls = match config.tls.clone() {
+            Some(t) => Some(Arc::new(
+                tls::TlsState::load(t).context("loading the agent link's TLS files")?,
+            )),
+            None => None,
+        };
         let listener = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("binding {}", config.listen))?;
@@ -107,6 +120,7 @@ impl App {
             shutdown,
             db_ok,
             stats: ReplicaStats::default(),
+            tls,
         });
         Ok(Self {
             shared,
@@ -158,7 +172,7 @@ impl App {
             .max_decoding_message_size(max)
             .max_encoding_message_size(max);
 
-        let background = [
+        let mut background = vec![
             tokio::spawn(wake_on_notify(shared.clone())),
             tokio::spawn(
                 health::DbHealth::new(shared.clone(), db_ok_tx, health_reporter.clone()).run(),
@@ -189,7 +203,7 @@ impl App {
             let _ = shutdown_rx.wait_for(|s| *s).await;
         };
 
-        let result = tonic::transport::Server::builder()
+        let router = tonic::transport::Server::builder()
             // Long-lived streams: detect dead peers at the HTTP/2 layer as well.
             .http2_keepalive_interval(Some(shared.config.heartbeat_interval()))
             .http2_keepalive_timeout(Some(shared.config.heartbeat_interval()))
@@ -197,9 +211,22 @@ impl App {
             .tcp_nodelay(true)
             .add_service(health_service)
             .add_service(reflection)
-            .add_service(agents)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), server_done)
-            .await;
+            .add_service(agents);
+        let result = match shared.tls.clone() {
+            Some(tls) => {
+                background.push(tokio::spawn(tls.clone().watch_files()));
+                let (incoming, accepting) = tls::incoming(listener, shared.clone(), tls);
+                background.push(accepting);
+                router
+                    .serve_with_incoming_shutdown(incoming, server_done)
+                    .await
+            }
+            None => {
+                router
+                    .serve_with_incoming_shutdown(TcpListenerStream::new(listener), server_done)
+                    .await
+            }
+        };
         for task in background {
             task.abort();
         }

@@ -8,7 +8,7 @@ use futures_util::Stream;
 use streamspace_proto::agent::v1 as pb;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::{Shared, auth, connection};
+use crate::{Shared, auth, connection, tls};
 
 #[derive(Debug)]
 pub struct AgentServiceImpl {
@@ -42,6 +42,15 @@ impl pb::agent_service_server::AgentService for AgentServiceImpl {
             ));
         }
         let identity = auth::authenticate(&self.shared, request.metadata()).await?;
+        if self.shared.tls.as_ref().is_some_and(|t| t.mutual()) {
+            let certs = request.peer_certs();
+            if let Err(status) =
+                tls::check_identity(certs.as_deref().map(Vec::as_slice), &identity.agent_id)
+            {
+                tracing::warn!(agent_id = %identity.agent_id, reason = status.message(), "agent refused: its client certificate does not name it");
+                return Err(status);
+            }
+        }
         let inbound = request.into_inner();
         let outbound = connection::accept(self.shared.clone(), identity, inbound).await?;
         Ok(Response::new(Box::pin(outbound)))

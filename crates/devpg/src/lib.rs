@@ -8,8 +8,10 @@
 //! panic, Ctrl-C or SIGKILL, because a small watchdog process outlives it and cleans up.
 //!
 //! [`testdb`] builds on it: one cluster per test binary, a fresh migrated database per test.
+//! [`devcerts`] issues throw-away certificates for TLS on the agent link.
 #![forbid(unsafe_code)]
 
+pub mod devcerts;
 pub mod testdb;
 
 use std::fs;

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use streamspace_core::command::{CommandKind, StopSession, WakeSession};
+use streamspace_core::command::{CommandKind, WakeSession};
 use streamspace_core::queue::NewCommand;
 use streamspace_proto::agent::v1::{self as pb, agent_message::Msg};
 use tokio::sync::mpsc;
@@ -13,19 +13,11 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::helpers::{
     RawAgent, TestDispatcher, channel, database_behind_proxy, dispatcher_behind, eventually, hello,
-    keep_beating, last_heartbeat,
+    keep_beating, last_heartbeat, stop,
 };
 
 /// Generous bound for anything a test waits on; reaching it is a failure, not a timing.
 const LIMIT: Duration = Duration::from_secs(20);
-
-fn stop(agent: &str, session: &str) -> NewCommand {
-    NewCommand::new(
-        agent,
-        Some(session.into()),
-        CommandKind::StopSession(StopSession::default()),
-    )
-}
 
 async fn status(d: &TestDispatcher, id: &str) -> (String, i32) {
     sqlx::query_as("SELECT status, attempts FROM agent_commands WHERE command_id = $1")

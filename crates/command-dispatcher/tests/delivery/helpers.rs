@@ -8,6 +8,7 @@ use sqlx::PgPool;
 use streamspace_command_dispatcher::{App, DispatcherConfig};
 use streamspace_core::CommandQueue;
 use streamspace_core::agents::{self, NewAgent};
+use streamspace_core::command::{CommandKind, StopSession};
 use streamspace_core::config::Secret;
 use streamspace_core::db::{self, SchemaPolicy};
 use streamspace_core::queue::{NewCommand, QueueConfig};
@@ -17,6 +18,15 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
+
+/// A `StopSession` command for `session` of `agent`.
+pub fn stop(agent: &str, session: &str) -> NewCommand {
+    NewCommand::new(
+        agent,
+        Some(session.into()),
+        CommandKind::StopSession(StopSession::default()),
+    )
+}
 
 /// A dispatcher running in this process.
 pub struct TestDispatcher {
@@ -237,6 +247,21 @@ pub async fn open(
     ),
     tonic::Status,
 > {
+    open_on(channel(url).await, token, first).await
+}
+
+/// [`open`] over an existing channel (TLS, for instance).
+pub async fn open_on(
+    channel: Channel,
+    token: Option<&str>,
+    first: pb::AgentMessage,
+) -> Result<
+    (
+        mpsc::Sender<pb::AgentMessage>,
+        tonic::Streaming<pb::DispatcherMessage>,
+    ),
+    tonic::Status,
+> {
     let (tx, rx) = mpsc::channel(1024);
     tx.send(first).await.unwrap();
     let mut request = tonic::Request::new(ReceiverStream::new(rx));
@@ -245,7 +270,7 @@ pub async fn open(
             .metadata_mut()
             .insert("authorization", format!("Bearer {token}").parse().unwrap());
     }
-    let mut client = pb::agent_service_client::AgentServiceClient::new(channel(url).await);
+    let mut client = pb::agent_service_client::AgentServiceClient::new(channel);
     let response = client.connect(request).await?;
     Ok((tx, response.into_inner()))
 }

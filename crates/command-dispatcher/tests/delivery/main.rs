@@ -6,3 +6,4 @@ mod binary;
 mod faults;
 mod helpers;
 mod protocol;
+mod tls;

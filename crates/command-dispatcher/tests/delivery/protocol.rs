@@ -3,21 +3,12 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use streamspace_core::command::{CommandKind, StopSession};
 use streamspace_core::queue::NewCommand;
 use streamspace_proto::agent::v1::{self as pb, agent_message::Msg};
 
-use crate::helpers::{RawAgent, TestDispatcher, eventually, hello, open};
+use crate::helpers::{RawAgent, TestDispatcher, eventually, hello, open, stop};
 
 const LIMIT: Duration = Duration::from_secs(10);
-
-fn stop(agent: &str, session: &str) -> NewCommand {
-    NewCommand::new(
-        agent,
-        Some(session.into()),
-        CommandKind::StopSession(StopSession::default()),
-    )
-}
 
 #[tokio::test]
 async fn missing_wrong_and_revoked_credentials_are_rejected() {
