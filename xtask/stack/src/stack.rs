@@ -10,6 +10,7 @@ use anyhow::{Context, bail};
 use nix::sys::signal::Signal;
 use sqlx::PgPool;
 use streamspace_core::agents::{self, NewAgent};
+use streamspace_devpg::devcerts::{DevCa, IssuedFiles};
 
 use crate::supervisor::{Spec, Supervised, bin_dir};
 
@@ -83,6 +84,9 @@ pub struct StackOptions {
     pub agent_proxies: bool,
     /// The gateway's HMAC signing secret (development tokens are minted with it).
     pub signing_secret: String,
+    /// Agent ⇄ dispatcher over mutual TLS, with certificates from a CA the stack makes
+    /// (`run_dir/tls`): the dispatcher's for `localhost`, one per agent naming its id.
+    pub agent_link_tls: bool,
 }
 
 impl StackOptions {
@@ -102,6 +106,7 @@ impl StackOptions {
             gateway_env: vec![],
             agent_proxies: false,
             signing_secret: random_secret(),
+            agent_link_tls: false,
         }
     }
 }
@@ -139,6 +144,9 @@ pub struct AgentProc {
     pub proc: Option<Supervised>,
     /// With `StackOptions::agent_proxies`: the proxy it dials its dispatcher through.
     pub proxy: Option<crate::proxy::Proxy>,
+    /// With `StackOptions::agent_link_tls`: present this certificate instead of the one
+    /// naming the agent (to show a wrong one refused).
+    pub tls_identity_override: Option<IssuedFiles>,
 }
 
 #[derive(Debug)]
@@ -164,7 +172,40 @@ pub struct Stack {
     pub dispatchers: Vec<DispatcherProc>,
     pub agents: Vec<AgentProc>,
     pub gateway: Option<GatewayProc>,
+    /// With `StackOptions::agent_link_tls`: the stack's CA and the dispatchers' certificate.
+    pub tls: Option<StackTls>,
     colour: usize,
+}
+
+/// The certificates of a stack whose agent link is mutual TLS.
+#[derive(Debug)]
+pub struct StackTls {
+    pub dir: PathBuf,
+    pub ca: DevCa,
+    pub ca_file: PathBuf,
+    pub server: IssuedFiles,
+}
+
+impl StackTls {
+    fn new(dir: PathBuf) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let ca = DevCa::new("streamspace local stack CA")?;
+        let ca_file = ca.write_ca(&dir)?;
+        let server = ca
+            .server(&["localhost", "127.0.0.1"])?
+            .write(&dir, "dispatcher")?;
+        Ok(Self {
+            dir,
+            ca,
+            ca_file,
+            server,
+        })
+    }
+
+    /// A client certificate naming `names`, written as `<stem>.pem`/`.key`.
+    pub fn client(&self, stem: &str, names: &[&str]) -> anyhow::Result<IssuedFiles> {
+        Ok(self.ca.client(names)?.write(&self.dir, stem)?)
+    }
 }
 
 /// `preferred` when `use_preferred` and it is free (the documented defaults, so `up` has
@@ -190,12 +231,18 @@ impl Stack {
             .context("connecting to the database")?;
         streamspace_core::db::ensure_schema(&pool, streamspace_core::db::SchemaPolicy::Migrate)
             .await?;
+        let tls = if options.agent_link_tls {
+            Some(StackTls::new(options.run_dir.join("tls"))?)
+        } else {
+            None
+        };
         let mut stack = Self {
             options,
             pool,
             dispatchers: Vec::new(),
             agents: Vec::new(),
             gateway: None,
+            tls,
             colour: 0,
         };
         for i in 0..stack.options.dispatchers {
@@ -220,9 +267,7 @@ impl Stack {
             } else {
                 None
             };
-            let url_override = proxy
-                .as_ref()
-                .map(|p| format!("http://127.0.0.1:{}", p.port));
+            let url_override = proxy.as_ref().map(|p| stack.dispatcher_url_at(p.port));
             stack.agents.push(AgentProc {
                 agent_id,
                 credential,
@@ -232,6 +277,7 @@ impl Stack {
                 epoch_at_spawn: 0,
                 proc: None,
                 proxy,
+                tls_identity_override: None,
             });
             stack.start_agent(i).await?;
         }
@@ -261,6 +307,15 @@ impl Stack {
         env.push(("STREAMSPACE_LISTEN".into(), format!("127.0.0.1:{}", d.port)));
         env.push(("STREAMSPACE_METRICS_LISTEN".into(), "127.0.0.1:0".into()));
         env.push(("STREAMSPACE_DISPATCHER_ID".into(), d.name.clone()));
+        if let Some(tls) = &self.tls {
+            for (key, path) in [
+                ("STREAMSPACE_TLS__CERT_FILE", &tls.server.cert),
+                ("STREAMSPACE_TLS__KEY_FILE", &tls.server.key),
+                ("STREAMSPACE_TLS__CLIENT_CA_FILE", &tls.ca_file),
+            ] {
+                env.push((key.into(), path.display().to_string()));
+            }
+        }
         env.extend(self.options.dispatcher_env.iter().cloned());
         let spec = Spec {
             name: d.name.clone(),
@@ -278,7 +333,17 @@ impl Stack {
     }
 
     pub fn dispatcher_url(&self, i: usize) -> String {
-        format!("http://127.0.0.1:{}", self.dispatchers[i].port)
+        self.dispatcher_url_at(self.dispatchers[i].port)
+    }
+
+    /// The URL an agent dials for a dispatcher (or a proxy in front of one) on `port`:
+    /// `https://localhost` (the name in the dispatcher's certificate) under TLS.
+    fn dispatcher_url_at(&self, port: u16) -> String {
+        if self.tls.is_some() {
+            format!("https://localhost:{port}")
+        } else {
+            format!("http://127.0.0.1:{port}")
+        }
     }
 
     /// (Re)starts agent `i` and, when `wait_online`, waits until the database shows it
@@ -297,6 +362,20 @@ impl Stack {
         };
         let a = &self.agents[i];
         std::fs::create_dir_all(&a.state_dir)?;
+        let mut tls_env = Vec::new();
+        if let Some(tls) = &self.tls {
+            let identity = match &a.tls_identity_override {
+                Some(files) => files.clone(),
+                None => tls.client(&a.agent_id, &[&a.agent_id])?,
+            };
+            for (key, path) in [
+                ("STREAMSPACE_TLS_CA_FILE", &tls.ca_file),
+                ("STREAMSPACE_TLS_CERT_FILE", &identity.cert),
+                ("STREAMSPACE_TLS_KEY_FILE", &identity.key),
+            ] {
+                tls_env.push((key.to_owned(), path.display().to_string()));
+            }
+        }
         let spec = Spec {
             name: a.agent_id.clone(),
             program: bin_dir()?.join("streamspace-agent"),
@@ -310,6 +389,7 @@ impl Stack {
                 ),
             ]
             .into_iter()
+            .chain(tls_env)
             .chain(self.options.agent_env.iter().cloned())
             .collect(),
             echo: self.options.echo,
