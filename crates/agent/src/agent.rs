@@ -226,7 +226,18 @@ impl Agent {
         connections: &mut u64,
     ) -> Ended {
         let dial = async {
-            let channel = self.endpoint.connect().await.map_err(|e| {
+            // TLS files are read again on every dial, so a renewed client certificate
+            // (cert-manager rotates them) is presented without a restart. Unreadable now:
+            // the ones read before.
+            let endpoint = if self.config.dispatcher_url.starts_with("https://") {
+                endpoint(&self.config).unwrap_or_else(|e| {
+                    tracing::warn!(error = %e, "re-reading the TLS files failed; using the previous ones");
+                    self.endpoint.clone()
+                })
+            } else {
+                self.endpoint.clone()
+            };
+            let channel = endpoint.connect().await.map_err(|e| {
                 Ended::failed(format!("cannot reach the dispatcher: {}", error_chain(&e)))
             })?;
             self.open_stream(channel).await
@@ -615,8 +626,8 @@ fn endpoint(config: &AgentConfig) -> Result<Endpoint> {
 }
 
 /// Server verification against the configured CA (else the WebPKI roots), plus the
-/// agent's own certificate when mutual TLS is configured. Files are read once, here, so a
-/// missing file fails start-up rather than every dial.
+/// agent's own certificate when mutual TLS is configured. Read at start-up (a missing file
+/// fails it) and again before every dial.
 fn tls_config(config: &AgentConfig) -> Result<ClientTlsConfig> {
     let read = |path: &std::path::Path| std::fs::read(path).map_err(|e| Error::io(path, e));
     let mut tls = ClientTlsConfig::new();

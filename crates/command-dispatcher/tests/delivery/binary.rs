@@ -2,6 +2,8 @@
 
 use std::process::Command;
 
+use streamspace_command_dispatcher::DispatcherConfig;
+
 fn dispatcher(url: &str, args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_streamspace-command-dispatcher"))
         .args(args)
@@ -53,4 +55,23 @@ async fn bad_configuration_is_named() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("offline_after_ms"), "{stderr}");
+}
+
+/// `deploy/`'s dispatcher configuration loads and validates, with mutual TLS on.
+#[test]
+fn the_shipped_configuration_loads_and_validates() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../deploy/base/config/command-dispatcher.toml");
+    let env = [(
+        "STREAMSPACE_DATABASE__URL".to_owned(),
+        "postgres://u@db/streamspace".to_owned(),
+    )];
+    let config: DispatcherConfig = streamspace_core::config::load_from(Some(&path), env)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    config.validate().unwrap();
+    let tls = config.tls.expect("the shipped dispatcher serves TLS");
+    assert!(
+        tls.client_ca_file.is_some(),
+        "and requires client certificates"
+    );
 }

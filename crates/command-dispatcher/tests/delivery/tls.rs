@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use streamspace_agent::{Agent, AgentConfig, RunningAgent, RuntimeKind};
+use streamspace_agent::{Agent, AgentConfig, ConnectionState, RunningAgent, RuntimeKind};
 use streamspace_command_dispatcher::{DispatcherConfig, TlsConfig};
 use streamspace_devpg::devcerts::{DevCa, IssuedFiles};
 use tempfile::TempDir;
@@ -260,4 +260,43 @@ async fn renewed_certificate_files_are_served_without_a_restart() {
         tls_channel(&d, &pki.ca.cert_pem(), None).await.is_err(),
         "the replaced certificate is still served"
     );
+}
+
+/// The agent reads its certificate again on every dial: once a renewal names it, the next
+/// dial is accepted without a restart.
+#[tokio::test]
+async fn the_agent_presents_a_renewed_client_certificate_on_its_next_dial() {
+    let pki = Pki::new();
+    let d = start(&pki, true).await;
+    let token = d.agent("agent-a").await;
+    // Issued for the wrong name: refused, and the agent keeps redialing.
+    let files = pki.client("agent", &["agent-z"]);
+    let state = tempfile::tempdir().unwrap();
+    let mut config = AgentConfig::new(https(&d), &token, state.path());
+    config.runtime = RuntimeKind::Record;
+    config.reconnect_base_ms = 20;
+    config.reconnect_cap_ms = 100;
+    config.tls_ca_file = Some(pki.ca_file.clone());
+    config.tls_cert_file = Some(files.cert.clone());
+    config.tls_key_file = Some(files.key.clone());
+    let mut running = Agent::build(config).await.unwrap().spawn();
+    eventually("a refused dial", LIMIT, || async {
+        let refused = matches!(
+            &*running.connection().borrow(),
+            ConnectionState::Disconnected { last_error: Some(e) } if e.contains("agent-z")
+        );
+        refused.then_some(())
+    })
+    .await;
+    assert!(!d.agent_online("agent-a").await);
+
+    let renewed = pki.ca.client(&["agent-a"]).unwrap();
+    std::fs::write(&files.key, &renewed.key_pem).unwrap();
+    std::fs::write(&files.cert, &renewed.cert_pem).unwrap();
+    tokio::time::timeout(LIMIT, running.wait_connected(None))
+        .await
+        .expect("connected with the renewed certificate")
+        .unwrap();
+    delivered_and_completed(&d, "agent-a").await;
+    running.shutdown().await.unwrap();
 }

@@ -34,6 +34,8 @@ pub enum Object {
     RoleBinding(RoleBinding),
     PodDisruptionBudget(PodDisruptionBudget),
     NetworkPolicy(NetworkPolicy),
+    /// cert-manager `Issuer`/`Certificate`: no typed structs; checked field by field.
+    CertManager(Value),
 }
 
 fn repo_root() -> PathBuf {
@@ -112,6 +114,7 @@ pub fn parse(value: &Value) -> Object {
         ("rbac.authorization.k8s.io/v1", "RoleBinding") => Object::RoleBinding(typed(value)),
         ("policy/v1", "PodDisruptionBudget") => Object::PodDisruptionBudget(typed(value)),
         ("networking.k8s.io/v1", "NetworkPolicy") => Object::NetworkPolicy(typed(value)),
+        ("cert-manager.io/v1", "Issuer" | "Certificate") => Object::CertManager(value.clone()),
         other => panic!("unexpected object {other:?}: add it to the typed parse"),
     }
 }
@@ -143,6 +146,10 @@ struct Rendered {
     services: Vec<Service>,
     jobs: Vec<Job>,
     config_maps: Vec<String>,
+    /// Every file of every ConfigMap, by file name (`agent.toml`, …).
+    config_files: BTreeMap<String, String>,
+    /// cert-manager objects by kind and name.
+    cert_manager: BTreeMap<(String, String), Value>,
     secrets: Vec<Secret>,
     pdbs: Vec<PodDisruptionBudget>,
     policies: BTreeMap<String, NetworkPolicy>,
@@ -161,7 +168,17 @@ fn rendered(dir: &Path) -> Rendered {
             }
             Object::Service(s) => r.services.push(s),
             Object::Job(j) => r.jobs.push(j),
-            Object::ConfigMap(c) => r.config_maps.push(c.metadata.name.unwrap()),
+            Object::ConfigMap(c) => {
+                r.config_files.extend(c.data.clone().unwrap_or_default());
+                r.config_maps.push(c.metadata.name.unwrap());
+            }
+            Object::CertManager(v) => {
+                let key = (
+                    v["kind"].as_str().unwrap_or("").to_owned(),
+                    v["metadata"]["name"].as_str().unwrap_or("").to_owned(),
+                );
+                r.cert_manager.insert(key, v);
+            }
             Object::Secret(s) => r.secrets.push(s),
             Object::PodDisruptionBudget(p) => r.pdbs.push(p),
             Object::NetworkPolicy(p) => {
@@ -297,17 +314,20 @@ fn check(dir: &Path) {
             .template,
     )
     .containers[0];
-    for probe in [
-        &dispatcher.liveness_probe,
-        &dispatcher.readiness_probe,
-        &dispatcher.startup_probe,
-    ] {
-        let grpc = probe
-            .as_ref()
-            .and_then(|p| p.grpc.as_ref())
-            .expect("dispatcher probes are gRPC health");
-        assert_eq!(grpc.port, 7001);
-    }
+    // The agent port is TLS, which the kubelet's gRPC probe cannot speak: the dispatcher
+    // is probed on its plaintext side port.
+    assert_eq!(
+        http_path(&dispatcher.liveness_probe).as_deref(),
+        Some("/healthz")
+    );
+    assert_eq!(
+        http_path(&dispatcher.startup_probe).as_deref(),
+        Some("/healthz")
+    );
+    assert_eq!(
+        http_path(&dispatcher.readiness_probe).as_deref(),
+        Some("/readyz")
+    );
 
     // Services and PDBs select the pods they are meant for.
     for svc in &r.services {
@@ -366,11 +386,11 @@ fn check(dir: &Path) {
             .ports
             .as_ref()
             .unwrap()[0]
-            .app_protocol
-            .as_deref(),
-        Some("kubernetes.io/h2c"),
-        "the dispatcher Service is marked as HTTP/2 (gRPC)"
+            .app_protocol,
+        None,
+        "the dispatcher Service is TLS end to end, not plaintext h2c"
     );
+    check_agent_link_tls(&overlay, &r);
 
     // The migration Job runs the one-shot migrate mode.
     let job = r.jobs.first().expect("a migration Job");
@@ -456,6 +476,114 @@ fn check(dir: &Path) {
             s.data.is_none(),
             "{overlay}: Secrets carry placeholders in stringData only"
         );
+    }
+}
+
+/// The agent link is mutual TLS in every overlay: the dispatcher serves the
+/// `command-dispatcher-tls` Secret and requires client certificates from the same CA; the
+/// agent dials `https://` with the `agent-tls` Secret; cert-manager issues both from one
+/// CA, for the names each side uses.
+fn check_agent_link_tls(overlay: &str, r: &Rendered) {
+    let toml_of = |file: &str| -> toml::Table {
+        let text = r
+            .config_files
+            .get(file)
+            .unwrap_or_else(|| panic!("{overlay}: {file} is not rendered"));
+        text.parse()
+            .unwrap_or_else(|e| panic!("{overlay}: {file} does not parse: {e}"))
+    };
+    let dispatcher = toml_of("command-dispatcher.toml");
+    let tls = dispatcher["tls"]
+        .as_table()
+        .unwrap_or_else(|| panic!("{overlay}: the dispatcher has no [tls]"));
+    for key in ["cert_file", "key_file", "client_ca_file"] {
+        let path = tls.get(key).and_then(|v| v.as_str()).unwrap_or("");
+        assert!(
+            path.starts_with("/etc/streamspace-tls/"),
+            "{overlay}: dispatcher tls.{key} = {path:?} is not in the mounted Secret"
+        );
+    }
+    let agent = toml_of("agent.toml");
+    let url = agent["dispatcher_url"].as_str().unwrap();
+    assert!(
+        url.starts_with("https://"),
+        "{overlay}: the agent dials {url}"
+    );
+    assert_ne!(agent.get("insecure").and_then(|v| v.as_bool()), Some(true));
+    for key in ["tls_ca_file", "tls_cert_file", "tls_key_file"] {
+        let path = agent.get(key).and_then(|v| v.as_str()).unwrap_or("");
+        assert!(
+            path.starts_with("/etc/streamspace-tls/"),
+            "{overlay}: agent {key} = {path:?} is not in the mounted Secret"
+        );
+    }
+
+    // Each side mounts its Secret where its configuration looks.
+    for (deployment, secret) in [
+        ("command-dispatcher", "command-dispatcher-tls"),
+        ("streamspace-agent", "agent-tls"),
+    ] {
+        let spec = pod_spec(&r.deployments[deployment].spec.as_ref().unwrap().template);
+        let volume = spec
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.secret.as_ref().and_then(|s| s.secret_name.as_deref()) == Some(secret))
+            .unwrap_or_else(|| panic!("{overlay}: {deployment} does not mount {secret}"));
+        let mount = spec.containers[0]
+            .volume_mounts
+            .iter()
+            .flatten()
+            .find(|m| m.name == volume.name)
+            .unwrap_or_else(|| panic!("{overlay}: {deployment} does not mount {secret}"));
+        assert_eq!(mount.mount_path, "/etc/streamspace-tls", "{overlay}");
+        assert!(
+            mount.sub_path.is_none(),
+            "{overlay}: subPath mounts never see renewals"
+        );
+    }
+
+    // cert-manager issues both from the link's CA, for the names each side uses.
+    let certificate = |secret: &str| -> &Value {
+        r.cert_manager
+            .iter()
+            .find(|((kind, _), v)| kind == "Certificate" && v["spec"]["secretName"] == secret)
+            .map(|(_, v)| v)
+            .unwrap_or_else(|| panic!("{overlay}: no Certificate writes Secret {secret}"))
+    };
+    let strings = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|s| s.as_str().map(str::to_owned))
+            .collect()
+    };
+    let server = certificate("command-dispatcher-tls");
+    let host = url
+        .trim_start_matches("https://")
+        .split([':', '/'])
+        .next()
+        .unwrap();
+    assert!(
+        strings(&server["spec"]["dnsNames"]).contains(&host.to_owned()),
+        "{overlay}: the dispatcher certificate does not name {host}"
+    );
+    assert!(strings(&server["spec"]["usages"]).contains(&"server auth".to_owned()));
+    let client = certificate("agent-tls");
+    assert!(strings(&client["spec"]["usages"]).contains(&"client auth".to_owned()));
+    assert!(
+        !strings(&client["spec"]["dnsNames"]).is_empty(),
+        "{overlay}: the agent certificate names no agent id"
+    );
+    for cert in [server, client] {
+        let issuer = cert["spec"]["issuerRef"]["name"].as_str().unwrap();
+        let issuer = &r.cert_manager[&("Issuer".to_owned(), issuer.to_owned())];
+        let ca_secret = issuer["spec"]["ca"]["secretName"]
+            .as_str()
+            .unwrap_or_else(|| {
+                panic!("{overlay}: the link certificates are not issued by a CA Issuer")
+            });
+        assert_eq!(certificate(ca_secret)["spec"]["isCA"], true, "{overlay}");
     }
 }
 
