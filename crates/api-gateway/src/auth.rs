@@ -1,11 +1,15 @@
-//! Authentication: bearer JWTs verified against the configured keys, algorithms from an
-//! allow-list, `exp`/`iss`/`aud`/`sub` required; a role claim separates users from admins.
+//! Authentication: bearer JWTs verified against the configured keys — a static HMAC
+//! secret or public key, or an identity provider's JWKS selected by `kid` ([`Jwks`]) —
+//! algorithms from an allow-list, `exp`/`iss`/`aud`/`sub` required; a role claim
+//! separates users from admins.
 //! Agent credentials are refused here by their prefix, with a message saying so.
 //!
 //! Also the development token minter behind `streamspace-api-gateway mint-token`, which
 //! works only when `auth.dev_tokens` is set.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
 
 use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
@@ -13,6 +17,7 @@ use streamspace_core::agents::CREDENTIAL_PREFIX;
 
 use crate::config::AuthConfig;
 use crate::error::ApiError;
+use crate::jwks::Jwks;
 
 /// Longest accepted user id (`sub`).
 pub const MAX_USER_ID_LEN: usize = 128;
@@ -42,8 +47,11 @@ impl Principal {
 /// Verifies bearer tokens. Built once from configuration.
 #[derive(Clone)]
 pub struct Verifier {
-    /// Allowed algorithms with the key that verifies each.
+    /// Allowed algorithms with a statically configured key.
     keys: HashMap<Algorithm, DecodingKey>,
+    /// Every allowed algorithm (asymmetric ones may be served by the JWKS alone).
+    allowed: HashSet<Algorithm>,
+    jwks: Option<Arc<Jwks>>,
     issuer: String,
     audience: String,
     role_claim: String,
@@ -54,7 +62,8 @@ pub struct Verifier {
 impl std::fmt::Debug for Verifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Verifier")
-            .field("algorithms", &self.keys.keys().collect::<Vec<_>>())
+            .field("algorithms", &self.allowed)
+            .field("jwks", &self.jwks)
             .field("issuer", &self.issuer)
             .field("audience", &self.audience)
             .finish_non_exhaustive()
@@ -118,9 +127,19 @@ impl Verifier {
                 config.leeway_secs
             ));
         }
+        let jwks = match &config.jwks_url {
+            Some(url) => Some(Arc::new(Jwks::new(
+                url,
+                config.jwks_ca_file.as_deref(),
+                Duration::from_millis(config.jwks_min_refresh_interval_ms),
+            )?)),
+            None => None,
+        };
         let mut keys = HashMap::new();
+        let mut allowed = HashSet::new();
         for name in &config.algorithms {
             let alg = parse_algorithm(name)?;
+            allowed.insert(alg);
             let key = match alg.family() {
                 AlgorithmFamily::Hmac => {
                     let secret = config.hmac_secret.as_ref().ok_or_else(|| {
@@ -130,9 +149,14 @@ impl Verifier {
                     DecodingKey::from_secret(secret.expose().as_bytes())
                 }
                 family => {
-                    let pem = config.public_key_pem.as_ref().ok_or_else(|| {
-                        format!("auth.algorithms has {name}, which needs auth.public_key_pem")
-                    })?;
+                    let Some(pem) = config.public_key_pem.as_ref() else {
+                        if jwks.is_some() {
+                            continue;
+                        }
+                        return Err(format!(
+                            "auth.algorithms has {name}, which needs auth.public_key_pem or auth.jwks_url"
+                        ));
+                    };
                     let parsed = match family {
                         AlgorithmFamily::Rsa => DecodingKey::from_rsa_pem(pem.as_bytes()),
                         AlgorithmFamily::Ec => DecodingKey::from_ec_pem(pem.as_bytes()),
@@ -143,8 +167,16 @@ impl Verifier {
             };
             keys.insert(alg, key);
         }
+        if jwks.is_some() && allowed.iter().all(|a| a.family() == AlgorithmFamily::Hmac) {
+            return Err(
+                "auth.jwks_url is set, but auth.algorithms names no asymmetric algorithm (e.g. EdDSA, ES256, RS256)"
+                    .into(),
+            );
+        }
         Ok(Self {
             keys,
+            allowed,
+            jwks,
             issuer: config.issuer.clone(),
             audience: config.audience.clone(),
             role_claim: config.role_claim.clone(),
@@ -153,23 +185,44 @@ impl Verifier {
         })
     }
 
-    /// Verifies an `Authorization` header value.
-    pub fn verify_header(&self, header: Option<&str>) -> Result<Principal, ApiError> {
-        let unauthenticated = |msg: &str| ApiError::Unauthenticated(msg.to_owned());
-        let header = header.ok_or_else(|| {
-            unauthenticated("missing credentials: send `Authorization: Bearer <JWT>`")
-        })?;
-        let token = header
-            .strip_prefix("Bearer ")
-            .or_else(|| header.strip_prefix("bearer "))
-            .ok_or_else(|| unauthenticated("the Authorization header must be `Bearer <JWT>`"))?
-            .trim();
-        self.verify(token)
+    /// The JWKS keys come from, when configured (for its refresh task and metrics).
+    pub fn jwks(&self) -> Option<Arc<Jwks>> {
+        self.jwks.clone()
     }
 
-    /// Verifies a bearer token.
+    /// Verifies an `Authorization` header value, refreshing the JWKS (bounded) when the
+    /// token names a key not seen yet.
+    pub async fn verify_header(&self, header: Option<&str>) -> Result<Principal, ApiError> {
+        self.verify_fresh(bearer(header)?).await
+    }
+
+    /// Verifies an `Authorization` header value with the keys at hand, without waiting:
+    /// `Err(Refusal::UnknownKey)` when only a JWKS refresh could decide.
+    pub fn verify_header_cached(&self, header: Option<&str>) -> Result<Principal, Refusal> {
+        self.check(bearer(header).map_err(Refusal::Invalid)?)
+    }
+
+    /// Verifies a bearer token with the keys at hand; an unknown `kid` is refused.
     pub fn verify(&self, token: &str) -> Result<Principal, ApiError> {
-        let unauthenticated = |msg: String| ApiError::Unauthenticated(msg);
+        self.check(token).map_err(Refusal::into_error)
+    }
+
+    /// Verifies a bearer token; a `kid` not among the keys at hand triggers a JWKS refresh
+    /// (at most one per `jwks_min_refresh_interval_ms`) and a second look.
+    pub async fn verify_fresh(&self, token: &str) -> Result<Principal, ApiError> {
+        match self.check(token) {
+            Err(Refusal::UnknownKey) => {
+                if let Some(jwks) = &self.jwks {
+                    jwks.refresh_bounded().await;
+                }
+                self.check(token).map_err(Refusal::into_error)
+            }
+            other => other.map_err(Refusal::into_error),
+        }
+    }
+
+    fn check(&self, token: &str) -> Result<Principal, Refusal> {
+        let unauthenticated = |msg: String| Refusal::Invalid(ApiError::Unauthenticated(msg));
         if token.starts_with(CREDENTIAL_PREFIX) {
             return Err(unauthenticated(
                 "agent credentials are not accepted by the API; use a user JWT".into(),
@@ -187,12 +240,36 @@ impl Verifier {
                 "the bearer token is not a valid JWT, or its algorithm is not supported".into(),
             )
         })?;
-        let key = self.keys.get(&header.alg).ok_or_else(|| {
-            unauthenticated(format!(
+        if !self.allowed.contains(&header.alg) {
+            return Err(unauthenticated(format!(
                 "tokens signed with {:?} are not accepted here",
                 header.alg
-            ))
-        })?;
+            )));
+        }
+        let from_jwks;
+        let key = match (&header.kid, &self.jwks) {
+            (Some(kid), Some(jwks)) if header.alg.family() != AlgorithmFamily::Hmac => {
+                let found = jwks.get(kid).ok_or(Refusal::UnknownKey)?;
+                if !found.fits(header.alg) {
+                    return Err(unauthenticated(format!(
+                        "the token's key (kid) is not a {:?} key",
+                        header.alg
+                    )));
+                }
+                from_jwks = found.key;
+                &from_jwks
+            }
+            _ => self.keys.get(&header.alg).ok_or_else(|| {
+                unauthenticated(if self.jwks.is_some() {
+                    format!(
+                        "a {:?} token must name its signing key (kid) from the identity provider's key set",
+                        header.alg
+                    )
+                } else {
+                    format!("tokens signed with {:?} are not accepted here", header.alg)
+                })
+            })?,
+        };
         let mut validation = Validation::new(header.alg);
         validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
         validation.set_issuer(&[&self.issuer]);
@@ -227,6 +304,38 @@ impl Verifier {
         };
         Ok(Principal { user_id, admin })
     }
+}
+
+/// Why a token was not accepted.
+#[derive(Debug)]
+pub enum Refusal {
+    Invalid(ApiError),
+    /// It names a signing key (`kid`) the keys at hand do not have; a JWKS refresh might.
+    UnknownKey,
+}
+
+impl Refusal {
+    pub fn into_error(self) -> ApiError {
+        match self {
+            Refusal::Invalid(e) => e,
+            Refusal::UnknownKey => ApiError::Unauthenticated(
+                "the token's signing key (kid) is not one of the identity provider's keys".into(),
+            ),
+        }
+    }
+}
+
+/// The token of an `Authorization: Bearer` value.
+fn bearer(header: Option<&str>) -> Result<&str, ApiError> {
+    let unauthenticated = |msg: &str| ApiError::Unauthenticated(msg.to_owned());
+    let header = header.ok_or_else(|| {
+        unauthenticated("missing credentials: send `Authorization: Bearer <JWT>`")
+    })?;
+    Ok(header
+        .strip_prefix("Bearer ")
+        .or_else(|| header.strip_prefix("bearer "))
+        .ok_or_else(|| unauthenticated("the Authorization header must be `Bearer <JWT>`"))?
+        .trim())
 }
 
 fn valid_user_id(s: &str) -> bool {

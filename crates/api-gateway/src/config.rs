@@ -101,6 +101,16 @@ pub struct AuthConfig {
     pub hmac_secret: Option<Secret<String>>,
     /// PEM public key for the RS*/PS*/ES*/EdDSA algorithms.
     pub public_key_pem: Option<String>,
+    /// The identity provider's JWKS URL (`https://…`): keys for the RS*/PS*/ES*/EdDSA
+    /// algorithms, selected by the token's `kid`, refreshed periodically and on an
+    /// unknown `kid`.
+    pub jwks_url: Option<String>,
+    /// PEM CA bundle to verify the JWKS server with (default: the WebPKI roots).
+    pub jwks_ca_file: Option<std::path::PathBuf>,
+    /// How often the JWKS is fetched again.
+    pub jwks_refresh_secs: u64,
+    /// Least time between two fetches caused by unknown `kid`s.
+    pub jwks_min_refresh_interval_ms: u64,
     /// Required `iss`.
     pub issuer: String,
     /// Required `aud` (one of the token's audiences).
@@ -124,6 +134,10 @@ impl Default for AuthConfig {
             algorithms: vec!["HS256".into()],
             hmac_secret: None,
             public_key_pem: None,
+            jwks_url: None,
+            jwks_ca_file: None,
+            jwks_refresh_secs: 300,
+            jwks_min_refresh_interval_ms: 10_000,
             issuer: "streamspace".into(),
             audience: "streamspace-api".into(),
             role_claim: "roles".into(),

@@ -12,7 +12,7 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use crate::auth::{Principal, Verifier};
+use crate::auth::{Principal, Refusal, Verifier};
 use crate::error::ApiError;
 use crate::service::views::*;
 use crate::service::{Api, Caller, parse_idempotency_key, parse_traceparent};
@@ -38,21 +38,49 @@ impl tonic::service::Interceptor for AuthInterceptor {
                     .into_status()
             })?),
         };
-        let principal = self
-            .verifier
-            .verify_header(header)
-            .map_err(ApiError::into_status)?;
-        req.extensions_mut().insert(principal);
+        match self.verifier.verify_header_cached(header) {
+            Ok(principal) => {
+                req.extensions_mut().insert(principal);
+            }
+            // Only a JWKS refresh can decide, and an interceptor cannot wait: the handler
+            // finishes the check (`caller`) before it does anything.
+            Err(Refusal::UnknownKey) => {
+                let token = header.unwrap_or_default().to_owned();
+                req.extensions_mut().insert(PendingToken {
+                    verifier: self.verifier.clone(),
+                    header: token,
+                });
+            }
+            Err(Refusal::Invalid(e)) => return Err(e.into_status()),
+        }
         Ok(req)
     }
 }
 
-fn caller<T>(req: &Request<T>) -> Result<Caller, Status> {
-    let principal = req
-        .extensions()
-        .get::<Principal>()
-        .cloned()
-        .ok_or_else(|| Status::unauthenticated("missing credentials"))?;
+/// A token whose key the interceptor did not have yet.
+#[derive(Clone)]
+struct PendingToken {
+    verifier: Arc<Verifier>,
+    header: String,
+}
+
+/// The caller of a request the interceptor let through: its principal, once verified.
+async fn caller<T>(req: &Request<T>) -> Result<Caller, Status> {
+    let principal = match req.extensions().get::<Principal>() {
+        Some(p) => p.clone(),
+        None => {
+            let pending = req
+                .extensions()
+                .get::<PendingToken>()
+                .cloned()
+                .ok_or_else(|| Status::unauthenticated("missing credentials"))?;
+            pending
+                .verifier
+                .verify_header(Some(&pending.header))
+                .await
+                .map_err(ApiError::into_status)?
+        }
+    };
     let idempotency_key = req
         .metadata()
         .get("idempotency-key")
@@ -156,7 +184,7 @@ impl pb::session_service_server::SessionService for SessionServiceImpl {
         &self,
         req: Request<pb::CreateSessionRequest>,
     ) -> Result<Response<pb::CreateSessionResponse>, Status> {
-        let caller = caller(&req)?;
+        let caller = caller(&req).await?;
         let r = req.into_inner();
         let resources = r
             .resources
@@ -190,7 +218,7 @@ impl pb::session_service_server::SessionService for SessionServiceImpl {
         &self,
         req: Request<pb::ListSessionsRequest>,
     ) -> Result<Response<pb::ListSessionsResponse>, Status> {
-        let caller = caller(&req)?;
+        let caller = caller(&req).await?;
         let limit = Some(req.into_inner().limit).filter(|l| *l != 0);
         let list = self
             .api
@@ -206,7 +234,7 @@ impl pb::session_service_server::SessionService for SessionServiceImpl {
         &self,
         req: Request<pb::GetSessionRequest>,
     ) -> Result<Response<pb::Session>, Status> {
-        let caller = caller(&req)?;
+        let caller = caller(&req).await?;
         let s = self
             .api
             .get_session(&caller, &req.into_inner().id)
@@ -219,7 +247,7 @@ impl pb::session_service_server::SessionService for SessionServiceImpl {
         &self,
         req: Request<pb::DeleteSessionRequest>,
     ) -> Result<Response<pb::DeleteSessionResponse>, Status> {
-        let caller = caller(&req)?;
+        let caller = caller(&req).await?;
         let a = self
             .api
             .delete_session(&caller, &req.into_inner().id)
@@ -237,7 +265,7 @@ impl pb::session_service_server::SessionService for SessionServiceImpl {
         &self,
         req: Request<pb::HibernateSessionRequest>,
     ) -> Result<Response<pb::SessionCommandResponse>, Status> {
-        let caller = caller(&req)?;
+        let caller = caller(&req).await?;
         let a = self
             .api
             .hibernate_session(&caller, &req.into_inner().id)
@@ -254,7 +282,7 @@ impl pb::session_service_server::SessionService for SessionServiceImpl {
         &self,
         req: Request<pb::WakeSessionRequest>,
     ) -> Result<Response<pb::SessionCommandResponse>, Status> {
-        let caller = caller(&req)?;
+        let caller = caller(&req).await?;
         let a = self
             .api
             .wake_session(&caller, &req.into_inner().id)
@@ -271,7 +299,7 @@ impl pb::session_service_server::SessionService for SessionServiceImpl {
         &self,
         req: Request<pb::GetCommandRequest>,
     ) -> Result<Response<pb::Command>, Status> {
-        let caller = caller(&req)?;
+        let caller = caller(&req).await?;
         let c = self
             .api
             .get_command(&caller, &req.into_inner().command_id)
@@ -284,7 +312,7 @@ impl pb::session_service_server::SessionService for SessionServiceImpl {
         &self,
         req: Request<pb::ListSessionCommandsRequest>,
     ) -> Result<Response<pb::ListCommandsResponse>, Status> {
-        let caller = caller(&req)?;
+        let caller = caller(&req).await?;
         let list = self
             .api
             .list_session_commands(&caller, &req.into_inner().session_id)
@@ -301,7 +329,7 @@ impl pb::session_service_server::SessionService for SessionServiceImpl {
         &self,
         req: Request<pb::WatchSessionRequest>,
     ) -> Result<Response<Self::WatchSessionStream>, Status> {
-        let caller = caller(&req)?;
+        let caller = caller(&req).await?;
         let rx = self
             .api
             .watch_session(&caller, &req.into_inner().id)
@@ -324,7 +352,7 @@ impl pb::session_service_server::SessionService for SessionServiceImpl {
         &self,
         req: Request<pb::WatchCommandRequest>,
     ) -> Result<Response<Self::WatchCommandStream>, Status> {
-        let caller = caller(&req)?;
+        let caller = caller(&req).await?;
         let rx = self
             .api
             .watch_command(&caller, &req.into_inner().command_id)
@@ -360,7 +388,7 @@ impl pb::agent_admin_service_server::AgentAdminService for AgentAdminServiceImpl
         &self,
         req: Request<pb::ListAgentsRequest>,
     ) -> Result<Response<pb::ListAgentsResponse>, Status> {
-        let caller = caller(&req)?;
+        let caller = caller(&req).await?;
         let list = self
             .api
             .list_agents(&caller)
@@ -375,7 +403,7 @@ impl pb::agent_admin_service_server::AgentAdminService for AgentAdminServiceImpl
         &self,
         req: Request<pb::GetAgentRequest>,
     ) -> Result<Response<pb::Agent>, Status> {
-        let caller = caller(&req)?;
+        let caller = caller(&req).await?;
         let a = self
             .api
             .get_agent(&caller, &req.into_inner().agent_id)
@@ -388,7 +416,7 @@ impl pb::agent_admin_service_server::AgentAdminService for AgentAdminServiceImpl
         &self,
         req: Request<pb::RegisterAgentRequest>,
     ) -> Result<Response<pb::Agent>, Status> {
-        let caller = caller(&req)?;
+        let caller = caller(&req).await?;
         let r = req.into_inner();
         let a = self
             .api
@@ -410,7 +438,7 @@ impl pb::agent_admin_service_server::AgentAdminService for AgentAdminServiceImpl
         &self,
         req: Request<pb::IssueCredentialRequest>,
     ) -> Result<Response<pb::IssuedCredential>, Status> {
-        let caller = caller(&req)?;
+        let caller = caller(&req).await?;
         let c = self
             .api
             .issue_credential(&caller, &req.into_inner().agent_id)
@@ -427,7 +455,7 @@ impl pb::agent_admin_service_server::AgentAdminService for AgentAdminServiceImpl
         &self,
         req: Request<pb::RevokeCredentialRequest>,
     ) -> Result<Response<pb::RevokeCredentialResponse>, Status> {
-        let caller = caller(&req)?;
+        let caller = caller(&req).await?;
         let r = req.into_inner();
         self.api
             .revoke_credential(&caller, &r.agent_id, &r.credential_id)

@@ -12,6 +12,7 @@ pub mod auth;
 pub mod config;
 pub mod error;
 pub mod grpc;
+pub mod jwks;
 pub mod ratelimit;
 pub mod rest;
 pub mod service;
@@ -63,6 +64,15 @@ impl App {
             Verifier::new(&config.auth)
                 .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?,
         );
+        if let Some(jwks) = verifier.jwks() {
+            // Tokens are refused until the keys are in; an unreachable provider at
+            // start-up is retried on the first token and by the periodic refresh.
+            if !jwks.refresh().await {
+                tracing::warn!(
+                    "the JWKS could not be fetched at start-up; tokens are refused until it can"
+                );
+            }
+        }
         if config.auth.dev_tokens {
             tracing::warn!(
                 "auth.dev_tokens is on: development tokens can be minted; never use this configuration in production"
@@ -167,6 +177,10 @@ impl App {
         );
 
         let shutdown = shutdown_tx.subscribe();
+        let jwks_refresh = state.verifier.jwks().map(|jwks| {
+            let every = Duration::from_secs(config.auth.jwks_refresh_secs.max(1));
+            tokio::spawn(jwks.refresh_every(every))
+        });
         let background = [
             tokio::spawn(hub.run(api.pool().clone(), shutdown.clone())),
             tokio::spawn(prune_idempotency(
@@ -207,6 +221,9 @@ impl App {
         let (rest_result, grpc_result) = tokio::join!(rest.into_future(), grpc_server);
         for task in background {
             let _ = task.await;
+        }
+        if let Some(task) = jwks_refresh {
+            task.abort();
         }
         rest_result.context("REST server")?;
         grpc_result.context("gRPC server")?;

@@ -25,7 +25,7 @@ impl FromRequestParts<AppState> for Authed {
                 ApiError::Unauthenticated("the Authorization header is not valid text".into())
             })?),
         };
-        let principal = state.verifier.verify_header(auth)?;
+        let principal = state.verifier.verify_header(auth).await?;
         let idempotency_key = parts
             .headers
             .get("idempotency-key")

@@ -471,6 +471,17 @@ async fn readyz(State(state): State<AppState>) -> Result<Json<serde_json::Value>
 async fn metrics_text(State(state): State<AppState>) -> Response {
     let mut text = streamspace_core::telemetry::METRICS.render_prometheus();
     text.push_str(&state.metrics.render());
+    if let Some(jwks) = state.verifier.jwks() {
+        use std::sync::atomic::Ordering::Relaxed;
+        text.push_str(&format!(
+            "# HELP streamspace_api_jwks_keys signing keys held from the JWKS\n# TYPE streamspace_api_jwks_keys gauge\nstreamspace_api_jwks_keys {}\n\
+             # HELP streamspace_api_jwks_fetches_total JWKS fetches (start-up, periodic, unknown kid)\n# TYPE streamspace_api_jwks_fetches_total counter\nstreamspace_api_jwks_fetches_total {}\n\
+             # HELP streamspace_api_jwks_fetch_failures_total JWKS fetches that failed (the previous keys stayed)\n# TYPE streamspace_api_jwks_fetch_failures_total counter\nstreamspace_api_jwks_fetch_failures_total {}\n",
+            jwks.key_count(),
+            jwks.fetches.load(Relaxed),
+            jwks.fetch_failures.load(Relaxed),
+        ));
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 

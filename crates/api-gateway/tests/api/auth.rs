@@ -24,7 +24,7 @@ fn sign(claims: &Value, secret: &str) -> String {
     .unwrap()
 }
 
-fn b64url(data: &[u8]) -> String {
+pub fn b64url(data: &[u8]) -> String {
     const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
     let mut out = String::new();
     for chunk in data.chunks(3) {
@@ -53,6 +53,8 @@ fn bad_tokens() -> Vec<(&'static str, Option<String>)> {
     not_yet["nbf"] = json!(now() + 3600);
     let mut no_exp = claims("alice");
     no_exp.as_object_mut().unwrap().remove("exp");
+    let mut no_sub = claims("alice");
+    no_sub.as_object_mut().unwrap().remove("sub");
     let alg_none = format!(
         "{}.{}.",
         b64url(br#"{"alg":"none","typ":"JWT"}"#),
@@ -70,6 +72,16 @@ fn bad_tokens() -> Vec<(&'static str, Option<String>)> {
         ("wrong audience", Some(sign(&wrong_aud, SECRET))),
         ("wrong issuer", Some(sign(&wrong_iss, SECRET))),
         ("no exp", Some(sign(&no_exp, SECRET))),
+        ("no sub", Some(sign(&no_sub, SECRET))),
+        // The value deploy/base/secrets.yaml ships: a gateway refuses to start with it,
+        // so nothing it signs verifies.
+        (
+            "signed with the placeholder key",
+            Some(sign(
+                &claims("alice"),
+                "REPLACE-ME-with-at-least-32-random-bytes",
+            )),
+        ),
         ("nbf in the future", Some(sign(&not_yet, SECRET))),
         ("alg none", Some(alg_none)),
         (

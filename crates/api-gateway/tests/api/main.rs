@@ -6,6 +6,7 @@ mod auth;
 mod grpc;
 mod helpers;
 mod idempotency;
+mod jwks;
 mod openapi;
 mod ratelimit;
 mod sessions;
