@@ -79,6 +79,12 @@ pub struct GrpcConfig {
     /// gRPC listener. Port 0 picks a free port.
     pub listen: SocketAddr,
     pub max_message_bytes: usize,
+    /// Concurrent HTTP/2 streams (calls and watches) one connection may open.
+    pub max_concurrent_streams: u32,
+    /// Unary calls (and the opening of a watch) running at once per connection; more wait.
+    pub max_concurrent_requests_per_connection: usize,
+    /// Limit on a unary call (and on opening a watch, not on the watch itself).
+    pub request_timeout_ms: u64,
 }
 
 impl Default for GrpcConfig {
@@ -86,6 +92,9 @@ impl Default for GrpcConfig {
         Self {
             listen: DEFAULT_GRPC_LISTEN.into(),
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            max_concurrent_streams: 128,
+            max_concurrent_requests_per_connection: 64,
+            request_timeout_ms: 30_000,
         }
     }
 }
@@ -218,6 +227,9 @@ pub struct SessionLimits {
     pub max_cpu: String,
     /// Active (not terminated or failed) sessions one user may have; 0: no limit.
     pub max_active_sessions_per_user: u32,
+    /// Watches (REST or gRPC) one user may hold open on this gateway at once; 0: no
+    /// limit. Each costs a task and a database read per change.
+    pub max_watches_per_user: u32,
 }
 
 impl Default for SessionLimits {
@@ -226,6 +238,7 @@ impl Default for SessionLimits {
             max_memory: "32Gi".into(),
             max_cpu: "16".into(),
             max_active_sessions_per_user: 100,
+            max_watches_per_user: 32,
         }
     }
 }
@@ -266,6 +279,12 @@ impl GatewayConfig {
     pub fn validate(&self) -> Result<(), String> {
         if self.http.max_body_bytes < 1024 {
             return Err("http.max_body_bytes must be at least 1024".into());
+        }
+        if self.grpc.max_concurrent_streams == 0
+            || self.grpc.max_concurrent_requests_per_connection == 0
+            || self.grpc.request_timeout_ms == 0
+        {
+            return Err("grpc.max_concurrent_streams, grpc.max_concurrent_requests_per_connection and grpc.request_timeout_ms must be positive".into());
         }
         if self.grpc.max_message_bytes < 1024 {
             return Err("grpc.max_message_bytes must be at least 1024".into());

@@ -209,6 +209,11 @@ impl App {
             .with_graceful_shutdown(stopped(shutdown.clone()));
         let grpc_server = tonic::transport::Server::builder()
             .tcp_nodelay(true)
+            // One client cannot take the whole server: streams and in-flight calls per
+            // connection are bounded, and so is each call's time.
+            .max_concurrent_streams(Some(config.grpc.max_concurrent_streams))
+            .concurrency_limit_per_connection(config.grpc.max_concurrent_requests_per_connection)
+            .timeout(Duration::from_millis(config.grpc.request_timeout_ms))
             // Watches are long-lived streams: find dead clients at the HTTP/2 layer too.
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))

@@ -42,6 +42,27 @@ type Subscribers = HashMap<Key, Vec<(u64, mpsc::UnboundedSender<Signal>)>>;
 pub struct ChangeHub {
     subscribers: Mutex<Subscribers>,
     next_id: AtomicU64,
+    /// Open watches per user.
+    open: Mutex<HashMap<String, u32>>,
+}
+
+/// One open watch of a user; dropping it (the watch ended) gives the place back.
+#[derive(Debug)]
+pub struct WatchPermit {
+    hub: Arc<ChangeHub>,
+    user_id: String,
+}
+
+impl Drop for WatchPermit {
+    fn drop(&mut self) {
+        let mut open = self.hub.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = open.get_mut(&self.user_id) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.user_id);
+            }
+        }
+    }
 }
 
 /// A live subscription; dropping it unsubscribes.
@@ -69,6 +90,32 @@ impl ChangeHub {
     fn lock(&self) -> std::sync::MutexGuard<'_, Subscribers> {
         // A poisoned map is still a consistent map: entries are only pushed or removed.
         self.subscribers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A place for one more watch of `user_id`, or 429 when the user already holds `max`
+    /// (0: no limit).
+    pub fn admit_watch(self: &Arc<Self>, user_id: &str, max: u32) -> Result<WatchPermit, ApiError> {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let n = open.entry(user_id.to_owned()).or_default();
+        if max > 0 && *n >= max {
+            if *n == 0 {
+                open.remove(user_id);
+            }
+            return Err(ApiError::QuotaExceeded(format!(
+                "this user already holds {max} open watches on this gateway (limits.max_watches_per_user); close one first"
+            )));
+        }
+        *n += 1;
+        Ok(WatchPermit {
+            hub: self.clone(),
+            user_id: user_id.to_owned(),
+        })
+    }
+
+    /// Open watches of `user_id` (for tests and metrics).
+    pub fn open_watches(&self, user_id: &str) -> u32 {
+        let open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        open.get(user_id).copied().unwrap_or(0)
     }
 
     fn subscribe(self: &Arc<Self>, key: Key) -> Subscription {
@@ -133,6 +180,7 @@ pub async fn watch_session(
     user_id: String,
     id: String,
     mut shutdown: watch::Receiver<bool>,
+    permit: WatchPermit,
 ) -> streamspace_core::Result<Option<mpsc::Receiver<Result<SessionEventView, ApiError>>>> {
     let mut sub = hub.subscribe(Key::Session(id.clone()));
     let Some((record, mut snapshot)) = sessions::session_get_snapshot(&pool, &user_id, &id).await?
@@ -141,6 +189,7 @@ pub async fn watch_session(
     };
     let (tx, rx) = mpsc::channel(WATCH_BUFFER);
     tokio::spawn(async move {
+        let _permit = permit;
         let mut last = record.state.clone();
         let first = SessionEventView {
             state: record.state.clone(),
@@ -207,6 +256,7 @@ pub async fn watch_command(
     pool: PgPool,
     id: CommandId,
     mut shutdown: watch::Receiver<bool>,
+    permit: WatchPermit,
 ) -> streamspace_core::Result<Option<mpsc::Receiver<Result<CommandEventView, ApiError>>>> {
     let mut sub = hub.subscribe(Key::Command(id.to_string()));
     let Some((record, mut snapshot)) = sessions::command_get_snapshot(&pool, &id).await? else {
@@ -214,6 +264,7 @@ pub async fn watch_command(
     };
     let (tx, rx) = mpsc::channel(WATCH_BUFFER);
     tokio::spawn(async move {
+        let _permit = permit;
         let mut last = record.status.clone();
         let first = CommandEventView {
             status: record.status.clone(),

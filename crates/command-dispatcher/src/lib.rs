@@ -38,6 +38,12 @@ pub use tls::{HANDSHAKE_TIMEOUT, TlsConfig};
 
 use registry::Registry;
 
+/// HTTP/2 streams one agent connection may open: its `Connect` and a few health checks.
+const MAX_STREAMS_PER_CONNECTION: u32 = 8;
+/// Limit on a `Connect` call up to its response (authentication and the handshake), not
+/// on the stream that follows.
+const HANDSHAKE_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Shared state of one dispatcher replica.
 #[derive(Debug)]
 pub(crate) struct Shared {
@@ -209,6 +215,10 @@ impl App {
             .http2_keepalive_timeout(Some(shared.config.heartbeat_interval()))
             .tcp_keepalive(Some(std::time::Duration::from_secs(30)))
             .tcp_nodelay(true)
+            // An agent holds one stream; a few more leave room for health checks. A
+            // handshake (authentication, lease hand-over) is bounded in time.
+            .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+            .timeout(HANDSHAKE_LIMIT)
             .add_service(health_service)
             .add_service(reflection)
             .add_service(agents);

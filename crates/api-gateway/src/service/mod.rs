@@ -490,12 +490,14 @@ impl Api {
     ) -> Result<mpsc::Receiver<Result<SessionEventView, ApiError>>, ApiError> {
         self.admit(caller, Class::Read)?;
         check_id("session id", id)?;
+        let permit = self.admit_watch(caller)?;
         crate::watch::watch_session(
             self.inner.hub.clone(),
             self.inner.pool.clone(),
             caller.principal.user_id.clone(),
             id.to_owned(),
             self.inner.shutdown.clone(),
+            permit,
         )
         .await
         .map_err(|e| self.core_error(e))?
@@ -515,15 +517,30 @@ impl Api {
                 "command {command_id} not found"
             )));
         }
+        let permit = self.admit_watch(caller)?;
         crate::watch::watch_command(
             self.inner.hub.clone(),
             self.inner.pool.clone(),
             id,
             self.inner.shutdown.clone(),
+            permit,
         )
         .await
         .map_err(|e| self.core_error(e))?
         .ok_or_else(|| ApiError::NotFound(format!("command {command_id} not found")))
+    }
+
+    /// A place for one more open watch of the caller (`limits.max_watches_per_user`).
+    fn admit_watch(&self, caller: &Caller) -> Result<crate::watch::WatchPermit, ApiError> {
+        self.inner.hub.admit_watch(
+            &caller.principal.user_id,
+            self.inner.config.limits.max_watches_per_user,
+        )
+    }
+
+    /// Watches `user_id` holds open on this gateway.
+    pub fn open_watches(&self, user_id: &str) -> u32 {
+        self.inner.hub.open_watches(user_id)
     }
 
     // ------------------------------------------------------------------ agents (admin)

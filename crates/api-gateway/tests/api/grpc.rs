@@ -453,3 +453,47 @@ async fn changes_of_mind_while_the_agent_is_down_are_accepted_then_cancelled_by_
     let after = client.wake_session(wake()).await.unwrap_err();
     assert_eq!(after.code(), Code::FailedPrecondition);
 }
+
+/// Each open watch holds a task and costs a read per change: one user may hold at most
+/// `limits.max_watches_per_user`; more is RESOURCE_EXHAUSTED, other users are not
+/// affected, and a closed watch gives its place back.
+#[tokio::test]
+async fn a_user_over_the_watch_limit_gets_resource_exhausted() {
+    let gw = TestGateway::start_with(|c| c.limits.max_watches_per_user = 2).await;
+    gw.online_agent("a-1", "default").await;
+    let (alice, bob) = (gw.token("alice"), gw.token("bob"));
+    let (alice_session, _) = gw.create_ok(&alice).await;
+    let (bob_session, _) = gw.create_ok(&bob).await;
+    let client = Sessions::new(gw.channel().await);
+    let watch = |token: &str, id: &str| {
+        let mut client = client.clone();
+        let req = authed(pb::WatchSessionRequest { id: id.into() }, token);
+        async move { client.watch_session(req).await }
+    };
+    let mut first = watch(&alice, &alice_session).await.unwrap().into_inner();
+    next(&mut first).await;
+    let second = watch(&alice, &alice_session).await.unwrap().into_inner();
+    let err = watch(&alice, &alice_session).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("max_watches_per_user"), "{err:?}");
+    // Another user is not affected.
+    let mut theirs = watch(&bob, &bob_session).await.unwrap().into_inner();
+    next(&mut theirs).await;
+
+    // Closing one gives its place back (the watch task notices the closed stream).
+    drop(second);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match watch(&alice, &alice_session).await {
+            Ok(_) => break,
+            Err(e) => {
+                assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the closed watch never gave its place back"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
