@@ -1,0 +1,207 @@
+//! The `[kubernetes]` configuration: the cluster to use and the session templates.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use serde::{Deserialize, Serialize};
+
+use super::is_dns_label;
+use crate::error::Error;
+
+/// The `app` label value that marks an object as a StreamSpace session's.
+pub const APP_LABEL: &str = "streamspace-session";
+/// Selects every session object the runtime manages.
+pub const SESSION_SELECTOR: &str = "app=streamspace-session";
+/// Port a template's container serves on, unless the template says otherwise.
+pub const DEFAULT_PORT: u16 = 3000;
+/// Resources of a template that names none (the original system's session size).
+pub const DEFAULT_MEMORY: &str = "512Mi";
+pub const DEFAULT_CPU: &str = "250m";
+/// How long a session's pod may take to become ready (image pulls are slow).
+pub const DEFAULT_READY_TIMEOUT_MS: u64 = 300_000;
+/// How long a stop or hibernate may take until the cluster shows it done.
+pub const DEFAULT_OPERATION_TIMEOUT_MS: u64 = 120_000;
+pub const DEFAULT_HOME_VOLUME_SIZE: &str = "10Gi";
+pub const DEFAULT_HOME_MOUNT_PATH: &str = "/config";
+pub const DEFAULT_CLUSTER_DOMAIN: &str = "cluster.local";
+/// Templates of the default catalog.
+pub const DEFAULT_TEMPLATES: [(&str, &str); 3] = [
+    ("firefox-browser", "lscr.io/linuxserver/firefox:latest"),
+    ("chrome-browser", "lscr.io/linuxserver/chromium:latest"),
+    ("desktop-xfce", "lscr.io/linuxserver/webtop:ubuntu-xfce"),
+];
+
+/// How to run one kind of session on Kubernetes.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubeTemplate {
+    pub image: String,
+    /// The port the container serves the session on; the Service exposes it.
+    #[serde(default = "default_port")]
+    pub port: u16,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Memory request and limit (the command's `resources` override it).
+    #[serde(default = "default_memory")]
+    pub memory: String,
+    /// CPU request and limit (the command's `resources` override it).
+    #[serde(default = "default_cpu")]
+    pub cpu: String,
+    /// How long the pod may take to become ready after start or wake.
+    #[serde(default = "default_ready_timeout_ms")]
+    pub ready_timeout_ms: u64,
+    /// Where the home volume is mounted, when the command asks for one.
+    #[serde(default = "default_home_mount_path")]
+    pub home_mount_path: String,
+}
+
+fn default_port() -> u16 {
+    DEFAULT_PORT
+}
+fn default_memory() -> String {
+    DEFAULT_MEMORY.into()
+}
+fn default_cpu() -> String {
+    DEFAULT_CPU.into()
+}
+fn default_ready_timeout_ms() -> u64 {
+    DEFAULT_READY_TIMEOUT_MS
+}
+fn default_home_mount_path() -> String {
+    DEFAULT_HOME_MOUNT_PATH.into()
+}
+
+impl KubeTemplate {
+    /// A template with every default but the image.
+    pub fn new(image: impl Into<String>) -> Self {
+        Self {
+            image: image.into(),
+            port: DEFAULT_PORT,
+            env: BTreeMap::new(),
+            memory: DEFAULT_MEMORY.into(),
+            cpu: DEFAULT_CPU.into(),
+            ready_timeout_ms: DEFAULT_READY_TIMEOUT_MS,
+            home_mount_path: DEFAULT_HOME_MOUNT_PATH.into(),
+        }
+    }
+
+    pub(super) fn validate(&self, name: &str) -> Result<(), Error> {
+        let bad = |what: &str| {
+            Err(Error::Config(format!(
+                "kubernetes template {name:?}: {what}"
+            )))
+        };
+        if self.image.trim().is_empty() {
+            return bad("empty image");
+        }
+        if self.port == 0 {
+            return bad("port must be positive");
+        }
+        if self.ready_timeout_ms == 0 {
+            return bad("ready_timeout_ms must be positive");
+        }
+        if !self.home_mount_path.starts_with('/') {
+            return bad("home_mount_path must be absolute");
+        }
+        Ok(())
+    }
+}
+
+/// The `[kubernetes]` section of the agent's configuration.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KubernetesConfig {
+    /// A kubeconfig file. Unset: `$KUBECONFIG` or `~/.kube/config` when present,
+    /// otherwise the pod's service account (in-cluster).
+    pub kubeconfig: Option<PathBuf>,
+    /// The kubeconfig context; unset means its current context.
+    pub context: Option<String>,
+    /// Namespace of the session objects; unset means the kubeconfig context's namespace,
+    /// or the service account's namespace in-cluster.
+    pub namespace: Option<String>,
+    /// Templates added to (or replacing entries of) the default catalog.
+    pub templates: BTreeMap<String, KubeTemplate>,
+    /// Limit on a stop or hibernate taking effect.
+    pub operation_timeout_ms: u64,
+    /// Size of a home volume.
+    pub home_volume_size: String,
+    /// Storage class of home volumes; unset means the cluster's default class.
+    pub home_storage_class: Option<String>,
+    /// Cluster DNS domain, for session URLs (`http://{id}.{ns}.svc.{domain}:{port}`).
+    pub cluster_domain: String,
+}
+
+impl Default for KubernetesConfig {
+    fn default() -> Self {
+        Self {
+            kubeconfig: None,
+            context: None,
+            namespace: None,
+            templates: BTreeMap::new(),
+            operation_timeout_ms: DEFAULT_OPERATION_TIMEOUT_MS,
+            home_volume_size: DEFAULT_HOME_VOLUME_SIZE.into(),
+            home_storage_class: None,
+            cluster_domain: DEFAULT_CLUSTER_DOMAIN.into(),
+        }
+    }
+}
+
+impl KubernetesConfig {
+    /// The default catalog with the configured templates added or replacing entries.
+    pub fn catalog(&self) -> BTreeMap<String, KubeTemplate> {
+        let mut catalog: BTreeMap<String, KubeTemplate> = DEFAULT_TEMPLATES
+            .into_iter()
+            .map(|(name, image)| (name.to_owned(), KubeTemplate::new(image)))
+            .collect();
+        catalog.extend(self.templates.clone());
+        catalog
+    }
+
+    pub fn validate(&self) -> Result<(), Error> {
+        for (name, template) in &self.templates {
+            template.validate(name)?;
+        }
+        if self.operation_timeout_ms == 0 {
+            return Err(Error::Config(
+                "kubernetes.operation_timeout_ms must be positive".into(),
+            ));
+        }
+        if let Some(ns) = &self.namespace
+            && !is_dns_label(ns)
+        {
+            return Err(Error::Config(format!(
+                "kubernetes.namespace {ns:?} is not a valid namespace name"
+            )));
+        }
+        Ok(())
+    }
+
+    /// The kube-rs client configuration this section describes.
+    pub(super) async fn client_config(&self) -> Result<kube::Config, Error> {
+        let options = KubeConfigOptions {
+            context: self.context.clone(),
+            ..KubeConfigOptions::default()
+        };
+        let fail = |what: &str, e: &dyn fmt::Display| {
+            Error::Config(format!("kubernetes runtime: {what}: {e}"))
+        };
+        match &self.kubeconfig {
+            Some(path) => {
+                let kubeconfig = Kubeconfig::read_from(path)
+                    .map_err(|e| fail(&format!("reading kubeconfig {}", path.display()), &e))?;
+                kube::Config::from_custom_kubeconfig(kubeconfig, &options)
+                    .await
+                    .map_err(|e| fail(&format!("using kubeconfig {}", path.display()), &e))
+            }
+            None if self.context.is_some() => kube::Config::from_kubeconfig(&options)
+                .await
+                .map_err(|e| fail("loading the kubeconfig", &e)),
+            // $KUBECONFIG or ~/.kube/config when present, else the service account.
+            None => kube::Config::infer()
+                .await
+                .map_err(|e| fail("no kubeconfig and not running in a cluster", &e)),
+        }
+    }
+}
