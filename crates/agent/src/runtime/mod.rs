@@ -25,7 +25,9 @@ use tokio::sync::broadcast;
 /// tonic; re-exporting it here spares implementors (and the workspace) another dependency.
 pub use tonic::async_trait;
 
-pub use kubernetes::{KubeTemplate, KubernetesConfig, KubernetesRuntime};
+pub use kubernetes::{
+    BASELINE_CAPABILITIES, KubeTemplate, KubernetesConfig, KubernetesRuntime, SecurityProfile,
+};
 pub use process::{Catalog, Effects, ProcessRuntime, ProcessRuntimeConfig, Template};
 pub use record::RecordRuntime;
 

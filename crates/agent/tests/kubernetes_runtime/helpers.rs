@@ -10,7 +10,9 @@ use kube::api::{DeleteParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client};
 use serde_json::json;
-use streamspace_agent::runtime::{KubeTemplate, KubernetesConfig, KubernetesRuntime, Observation};
+use streamspace_agent::runtime::{
+    KubeTemplate, KubernetesConfig, KubernetesRuntime, Observation, SecurityProfile,
+};
 use streamspace_core::command::StartSession;
 use streamspace_kube_fake::{FakeCluster, FakeConfig};
 use tokio::sync::broadcast;
@@ -62,7 +64,23 @@ fn test_templates() -> std::collections::BTreeMap<String, KubeTemplate> {
         ready_timeout_ms: broken_timeout,
         ..KubeTemplate::new(MISSING_IMAGE)
     };
-    [("web".to_owned(), web), ("broken".to_owned(), broken)].into()
+    // Reachable only with a per-session password; and one that starts as root.
+    let private = KubeTemplate {
+        password_env: Some("PASSWORD".into()),
+        url_user: "abc".into(),
+        ..web.clone()
+    };
+    let root_init = KubeTemplate {
+        security: SecurityProfile::Baseline,
+        ..web.clone()
+    };
+    [
+        ("web".to_owned(), web),
+        ("broken".to_owned(), broken),
+        ("private".to_owned(), private),
+        ("root-init".to_owned(), root_init),
+    ]
+    .into()
 }
 
 pub async fn client_from(path: &std::path::Path) -> Client {

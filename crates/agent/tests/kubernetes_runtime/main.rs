@@ -98,6 +98,79 @@ async fn start_twice_creates_once_with_labels_owner_and_resources() {
     env.finish().await;
 }
 
+/// Session pods run confined (the template's Pod Security profile), and a template with
+/// `password_env` makes each session reachable only with its own random password, which
+/// its URL carries.
+#[tokio::test]
+async fn session_pods_are_confined_and_each_has_its_own_password() {
+    let env = env().await;
+    let rt = &env.runtime;
+    let a = rt.start("s-pw-a", &start("private")).await.unwrap();
+    let b = rt.start("s-pw-b", &start("private")).await.unwrap();
+    let deployments = env.api::<Deployment>();
+    let pod_spec = |d: Deployment| d.spec.unwrap().template.spec.unwrap();
+    let password_of = |spec: &k8s_openapi::api::core::v1::PodSpec| {
+        spec.containers[0]
+            .env
+            .iter()
+            .flatten()
+            .find(|e| e.name == "PASSWORD")
+            .and_then(|e| e.value.clone())
+            .expect("a PASSWORD variable")
+    };
+    let spec_a = pod_spec(deployments.get("s-pw-a").await.unwrap());
+    let spec_b = pod_spec(deployments.get("s-pw-b").await.unwrap());
+    let (pa, pb) = (password_of(&spec_a), password_of(&spec_b));
+    assert!(
+        pa.len() >= 32 && pa.chars().all(|c| c.is_ascii_alphanumeric()),
+        "{pa}"
+    );
+    assert_ne!(pa, pb, "two sessions share a password");
+    let url = a.url.clone().unwrap();
+    assert!(
+        url.starts_with(&format!("http://abc:{pa}@s-pw-a.{}.svc.", env.namespace)),
+        "{url}"
+    );
+    assert!(b.url.unwrap().contains(&pb));
+    // Adopted on a repeated start: the same password, the same URL.
+    let again = rt.start("s-pw-a", &start("private")).await.unwrap();
+    assert_eq!(again.url.as_deref(), Some(url.as_str()));
+
+    // restricted: never root, nothing to escalate to, no capability, default seccomp.
+    let pod = spec_a
+        .security_context
+        .clone()
+        .expect("a pod securityContext");
+    assert_eq!(pod.run_as_non_root, Some(true));
+    assert!(pod.run_as_user.is_some_and(|u| u > 0));
+    assert_eq!(
+        pod.seccomp_profile.map(|p| p.type_).as_deref(),
+        Some("RuntimeDefault")
+    );
+    let container = spec_a.containers[0].security_context.clone().unwrap();
+    assert_eq!(container.allow_privilege_escalation, Some(false));
+    let caps = container.capabilities.unwrap();
+    assert_eq!(caps.drop, Some(vec!["ALL".to_owned()]));
+    assert_eq!(caps.add, None);
+
+    // baseline: root at start, only the capabilities an init needs.
+    rt.start("s-root-init", &start("root-init")).await.unwrap();
+    let spec = pod_spec(deployments.get("s-root-init").await.unwrap());
+    assert_eq!(spec.security_context.unwrap().run_as_non_root, None);
+    let container = spec.containers[0].security_context.clone().unwrap();
+    assert_eq!(container.allow_privilege_escalation, Some(false));
+    let caps = container.capabilities.unwrap();
+    assert_eq!(caps.drop, Some(vec!["ALL".to_owned()]));
+    assert_eq!(
+        caps.add.unwrap(),
+        streamspace_agent::runtime::BASELINE_CAPABILITIES.map(String::from)
+    );
+    // Without password_env the URL carries no credentials.
+    let plain = rt.start("s-plain", &start("web")).await.unwrap();
+    assert!(!plain.url.unwrap().contains('@'));
+    env.finish().await;
+}
+
 #[tokio::test]
 async fn a_command_may_override_the_template_resources() {
     let env = env().await;
@@ -562,6 +635,7 @@ fn the_shipped_agent_configurations_load_and_validate() {
     for file in [
         "deploy/base/config/agent.toml",
         "deploy/overlays/dev/agent.toml",
+        "deploy/overlays/production/agent.toml",
     ] {
         let path = root.join(file);
         let credential = [("STREAMSPACE_CREDENTIAL".to_owned(), "t".to_owned())];
@@ -575,6 +649,12 @@ fn the_shipped_agent_configurations_load_and_validate() {
             "{file}"
         );
         let catalog = config.kubernetes.catalog();
-        assert_eq!(catalog["firefox-browser"].memory, "512Mi", "{file}");
+        for (name, template) in &config.kubernetes.templates {
+            assert!(
+                template.password_env.is_some(),
+                "{file}: template {name} gives sessions no password"
+            );
+        }
+        assert!(catalog.contains_key("firefox-browser"), "{file}");
     }
 }

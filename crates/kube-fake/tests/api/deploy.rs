@@ -148,6 +148,8 @@ struct Rendered {
     config_maps: Vec<String>,
     /// Every file of every ConfigMap, by file name (`agent.toml`, …).
     config_files: BTreeMap<String, String>,
+    /// The sessions namespace's enforced Pod Security level.
+    session_namespace_enforce: Option<String>,
     /// cert-manager objects by kind and name.
     cert_manager: BTreeMap<(String, String), Value>,
     secrets: Vec<Secret>,
@@ -187,7 +189,18 @@ fn rendered(dir: &Path) -> Rendered {
             Object::Role(role) => r.roles.push(role),
             Object::RoleBinding(b) => r.bindings.push(b),
             Object::ServiceAccount(sa) => r.service_accounts.push(sa.metadata.name.unwrap()),
-            Object::Namespace(ns) => r.namespaces.push(ns.metadata.name.unwrap()),
+            Object::Namespace(ns) => {
+                let name = ns.metadata.name.unwrap();
+                if name == "streamspace-sessions" {
+                    r.session_namespace_enforce = ns
+                        .metadata
+                        .labels
+                        .unwrap_or_default()
+                        .get("pod-security.kubernetes.io/enforce")
+                        .cloned();
+                }
+                r.namespaces.push(name);
+            }
         }
     }
     r
@@ -479,6 +492,46 @@ fn check(dir: &Path) {
     }
 }
 
+/// Every session template names its confinement and gives each session its own password;
+/// production's are all `restricted`, and its sessions namespace enforces that.
+fn check_session_templates(overlay: &str, r: &Rendered, agent: &toml::Table) {
+    let templates = agent["kubernetes"]["templates"]
+        .as_table()
+        .unwrap_or_else(|| panic!("{overlay}: agent.toml has no templates"));
+    assert!(!templates.is_empty(), "{overlay}");
+    for (name, t) in templates {
+        let security = t.get("security").and_then(|v| v.as_str());
+        assert!(
+            matches!(security, Some("restricted" | "baseline")),
+            "{overlay}: template {name} names no security profile"
+        );
+        assert!(
+            t.get("password_env").and_then(|v| v.as_str()).is_some(),
+            "{overlay}: template {name} gives sessions no per-session password"
+        );
+        if overlay == "production" {
+            assert_eq!(
+                security,
+                Some("restricted"),
+                "{overlay}: template {name} is not restricted"
+            );
+            assert!(
+                t.get("run_as_user")
+                    .and_then(|v| v.as_integer())
+                    .is_some_and(|u| u > 0),
+                "{overlay}: template {name} runs as root"
+            );
+        }
+    }
+    if overlay == "production" {
+        assert_eq!(
+            r.session_namespace_enforce.as_deref(),
+            Some("restricted"),
+            "production: the sessions namespace does not enforce restricted"
+        );
+    }
+}
+
 /// The agent link is mutual TLS in every overlay: the dispatcher serves the
 /// `command-dispatcher-tls` Secret and requires client certificates from the same CA; the
 /// agent dials `https://` with the `agent-tls` Secret; cert-manager issues both from one
@@ -504,6 +557,7 @@ fn check_agent_link_tls(overlay: &str, r: &Rendered) {
         );
     }
     let agent = toml_of("agent.toml");
+    check_session_templates(overlay, r, &agent);
     let url = agent["dispatcher_url"].as_str().unwrap();
     assert!(
         url.starts_with("https://"),

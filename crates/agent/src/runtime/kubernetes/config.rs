@@ -26,7 +26,7 @@ pub const DEFAULT_OPERATION_TIMEOUT_MS: u64 = 120_000;
 pub const DEFAULT_HOME_VOLUME_SIZE: &str = "10Gi";
 pub const DEFAULT_HOME_MOUNT_PATH: &str = "/config";
 pub const DEFAULT_CLUSTER_DOMAIN: &str = "cluster.local";
-/// Templates of the default catalog.
+/// Templates of the default catalog (linuxserver.io images: see [`KubeTemplate::linuxserver`]).
 pub const DEFAULT_TEMPLATES: [(&str, &str); 3] = [
     ("firefox-browser", "lscr.io/linuxserver/firefox:latest"),
     ("chrome-browser", "lscr.io/linuxserver/chromium:latest"),
@@ -55,6 +55,62 @@ pub struct KubeTemplate {
     /// Where the home volume is mounted, when the command asks for one.
     #[serde(default = "default_home_mount_path")]
     pub home_mount_path: String,
+    /// How the session's container is confined (default `restricted`).
+    #[serde(default)]
+    pub security: SecurityProfile,
+    /// Under `restricted`: the uid (and gid, and `fsGroup`) the container runs as.
+    #[serde(default = "default_run_as_user")]
+    pub run_as_user: i64,
+    /// The variable the image reads its access password from (`PASSWORD` for the
+    /// linuxserver.io images, `VNC_PW` for kasmweb). Set, every session gets a random
+    /// password there, and its URL carries it (`scheme://user:password@host:port`): only
+    /// whoever holds the URL — its owner, through the API — gets in.
+    #[serde(default)]
+    pub password_env: Option<String>,
+    /// The user name the image expects with that password.
+    #[serde(default = "default_url_user")]
+    pub url_user: String,
+    /// `http` or `https`: what the container serves on its port.
+    #[serde(default = "default_url_scheme")]
+    pub url_scheme: String,
+}
+
+/// How a session's container is confined: the Pod Security level its pod meets.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SecurityProfile {
+    /// Pod Security `restricted`: never root (`run_as_user`), no privilege escalation,
+    /// every capability dropped, the runtime's default seccomp profile. For images built
+    /// to run unprivileged.
+    #[default]
+    Restricted,
+    /// Pod Security `baseline`: for images that start as root and drop to a user
+    /// themselves (the linuxserver.io images' s6 init): root at start with only the
+    /// capabilities that needs, no privilege escalation, the default seccomp profile.
+    Baseline,
+}
+
+/// What a `baseline` session may keep: what an init needs to chown its home and switch
+/// to its user.
+pub const BASELINE_CAPABILITIES: [&str; 6] = [
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "FOWNER",
+    "KILL",
+    "SETGID",
+    "SETUID",
+];
+/// The uid a `restricted` session runs as unless its template says otherwise.
+pub const DEFAULT_RUN_AS_USER: i64 = 1000;
+
+fn default_run_as_user() -> i64 {
+    DEFAULT_RUN_AS_USER
+}
+fn default_url_user() -> String {
+    "user".into()
+}
+fn default_url_scheme() -> String {
+    "http".into()
 }
 
 fn default_port() -> u16 {
@@ -84,7 +140,23 @@ impl KubeTemplate {
             cpu: DEFAULT_CPU.into(),
             ready_timeout_ms: DEFAULT_READY_TIMEOUT_MS,
             home_mount_path: DEFAULT_HOME_MOUNT_PATH.into(),
+            security: SecurityProfile::Restricted,
+            run_as_user: DEFAULT_RUN_AS_USER,
+            password_env: None,
+            url_user: default_url_user(),
+            url_scheme: default_url_scheme(),
         }
+    }
+
+    /// A linuxserver.io image: it starts as root (`baseline`), serves on 3000 and takes
+    /// basic-auth credentials from `CUSTOM_USER`/`PASSWORD`.
+    pub fn linuxserver(image: impl Into<String>) -> Self {
+        let mut t = Self::new(image);
+        t.security = SecurityProfile::Baseline;
+        t.password_env = Some("PASSWORD".into());
+        t.url_user = "abc".into();
+        t.env.insert("CUSTOM_USER".into(), "abc".into());
+        t
     }
 
     pub(super) fn validate(&self, name: &str) -> Result<(), Error> {
@@ -104,6 +176,19 @@ impl KubeTemplate {
         }
         if !self.home_mount_path.starts_with('/') {
             return bad("home_mount_path must be absolute");
+        }
+        if self.security == SecurityProfile::Restricted && self.run_as_user <= 0 {
+            return bad(
+                "run_as_user must be a non-root uid (above 0) under security = \"restricted\"",
+            );
+        }
+        if !matches!(self.url_scheme.as_str(), "http" | "https") {
+            return bad("url_scheme must be http or https");
+        }
+        if let Some(var) = &self.password_env
+            && (var.is_empty() || self.env.contains_key(var))
+        {
+            return bad("password_env must name a variable the template's env does not set");
         }
         Ok(())
     }
@@ -153,7 +238,7 @@ impl KubernetesConfig {
     pub fn catalog(&self) -> BTreeMap<String, KubeTemplate> {
         let mut catalog: BTreeMap<String, KubeTemplate> = DEFAULT_TEMPLATES
             .into_iter()
-            .map(|(name, image)| (name.to_owned(), KubeTemplate::new(image)))
+            .map(|(name, image)| (name.to_owned(), KubeTemplate::linuxserver(image)))
             .collect();
         catalog.extend(self.templates.clone());
         catalog

@@ -440,11 +440,40 @@ impl Inner {
         }
     }
 
-    fn url(&self, session: &str, port: u16) -> String {
-        format!(
-            "http://{session}.{}.svc.{}:{port}",
+    /// The session's address: its Service's DNS name, with the scheme of its template and,
+    /// when the template uses one, the user and per-session password the container checks.
+    fn url(&self, session: &str, deployment: &Deployment) -> String {
+        let port = self.port_of(deployment);
+        let host = format!(
+            "{session}.{}.svc.{}:{port}",
             self.namespace, self.cluster_domain
-        )
+        );
+        let Some(template) = self.template_of(deployment) else {
+            return format!("http://{host}");
+        };
+        let password = template.password_env.as_ref().and_then(|var| {
+            deployment
+                .spec
+                .as_ref()?
+                .template
+                .spec
+                .as_ref()?
+                .containers
+                .first()?
+                .env
+                .as_ref()?
+                .iter()
+                .find(|e| &e.name == var)?
+                .value
+                .clone()
+        });
+        match password {
+            Some(password) => format!(
+                "{}://{}:{password}@{host}",
+                template.url_scheme, template.url_user
+            ),
+            None => format!("{}://{host}", template.url_scheme),
+        }
     }
 
     fn fail(&self, e: kube::Error, verb: &str, resource: &str, name: &str) -> RuntimeError {
@@ -492,7 +521,7 @@ impl Inner {
         if replicas(deployment) == 0 {
             return Observation::new(session, SessionState::Hibernated);
         }
-        let url = self.url(session, self.port_of(deployment));
+        let url = self.url(session, deployment);
         match pod_view(pods.iter().copied()) {
             PodView::Ready { pod, ip } => Observation::new(session, SessionState::Running)
                 .with_url(url)

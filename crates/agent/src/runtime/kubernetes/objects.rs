@@ -8,7 +8,51 @@ use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Service};
 use serde_json::json;
 use streamspace_core::command::StartSession;
 
-use super::{APP_LABEL, Inner, KubeTemplate, label_value};
+use super::{APP_LABEL, BASELINE_CAPABILITIES, Inner, KubeTemplate, SecurityProfile, label_value};
+
+/// Length of a session's random access password.
+const PASSWORD_LEN: usize = 32;
+
+/// A fresh random password: letters and digits, so it needs no escaping in a URL.
+fn session_password() -> String {
+    use rand::Rng;
+    use rand::distr::Alphanumeric;
+    rand::rng()
+        .sample_iter(&Alphanumeric)
+        .take(PASSWORD_LEN)
+        .map(char::from)
+        .collect()
+}
+
+/// The pod's security context for the template's profile.
+fn pod_security(template: &KubeTemplate) -> serde_json::Value {
+    let seccomp = json!({"type": "RuntimeDefault"});
+    match template.security {
+        SecurityProfile::Restricted => json!({
+            "runAsNonRoot": true,
+            "runAsUser": template.run_as_user,
+            "runAsGroup": template.run_as_user,
+            "fsGroup": template.run_as_user,
+            "seccompProfile": seccomp,
+        }),
+        SecurityProfile::Baseline => json!({"seccompProfile": seccomp}),
+    }
+}
+
+/// The container's security context for the template's profile.
+fn container_security(template: &KubeTemplate) -> serde_json::Value {
+    match template.security {
+        SecurityProfile::Restricted => json!({
+            "allowPrivilegeEscalation": false,
+            "runAsNonRoot": true,
+            "capabilities": {"drop": ["ALL"]},
+        }),
+        SecurityProfile::Baseline => json!({
+            "allowPrivilegeEscalation": false,
+            "capabilities": {"drop": ["ALL"], "add": BASELINE_CAPABILITIES},
+        }),
+    }
+}
 
 impl Inner {
     pub(super) fn labels(&self, session: &str, spec: &StartSession) -> BTreeMap<String, String> {
@@ -36,6 +80,9 @@ impl Inner {
         let mut env: BTreeMap<String, String> = template.env.clone();
         env.extend(spec.env.clone());
         env.insert("SESSION_ID".into(), session.to_owned());
+        if let Some(var) = &template.password_env {
+            env.insert(var.clone(), session_password());
+        }
         let env: Vec<_> = env
             .into_iter()
             .map(|(name, value)| json!({"name": name, "value": value}))
@@ -52,6 +99,7 @@ impl Inner {
             },
             // Ready means the session's port answers, not merely that the process runs.
             "readinessProbe": {"tcpSocket": {"port": "http"}, "periodSeconds": 2, "failureThreshold": 3},
+            "securityContext": container_security(template),
         });
         let mut volumes = json!([]);
         if spec.home_volume {
@@ -78,6 +126,7 @@ impl Inner {
                     "spec": {
                         "automountServiceAccountToken": false,
                         "enableServiceLinks": false,
+                        "securityContext": pod_security(template),
                         "containers": [container],
                         "volumes": volumes,
                     },
