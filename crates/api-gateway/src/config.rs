@@ -9,6 +9,8 @@ use streamspace_core::config::{DatabaseConfig, Secret};
 
 /// Default REST listener.
 pub const DEFAULT_HTTP_LISTEN: ([u8; 4], u16) = ([127, 0, 0, 1], 8080);
+/// `/metrics`, on a listener of its own: scrapers reach it, API clients do not.
+pub const DEFAULT_METRICS_LISTEN: ([u8; 4], u16) = ([127, 0, 0, 1], 8081);
 /// Default gRPC listener.
 pub const DEFAULT_GRPC_LISTEN: ([u8; 4], u16) = ([127, 0, 0, 1], 9090);
 /// Largest accepted REST request body. Session requests are a few hundred bytes.
@@ -59,6 +61,9 @@ impl Default for GatewayConfig {
 pub struct HttpConfig {
     /// REST listener. Port 0 picks a free port.
     pub listen: SocketAddr,
+    /// The internal listener of `/metrics` (not served on `listen`). Port 0 picks a free
+    /// port.
+    pub metrics_listen: SocketAddr,
     pub max_body_bytes: usize,
     pub request_timeout_ms: u64,
 }
@@ -67,6 +72,7 @@ impl Default for HttpConfig {
     fn default() -> Self {
         Self {
             listen: DEFAULT_HTTP_LISTEN.into(),
+            metrics_listen: DEFAULT_METRICS_LISTEN.into(),
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             request_timeout_ms: DEFAULT_REQUEST_TIMEOUT_MS,
         }

@@ -50,6 +50,8 @@ pub struct App {
     grpc: TcpListener,
     http_addr: SocketAddr,
     grpc_addr: SocketAddr,
+    metrics: TcpListener,
+    metrics_addr: SocketAddr,
     shutdown_tx: signal::Sender<bool>,
 }
 
@@ -88,6 +90,10 @@ impl App {
         let grpc = TcpListener::bind(config.grpc.listen)
             .await
             .with_context(|| format!("binding {}", config.grpc.listen))?;
+        let metrics = TcpListener::bind(config.http.metrics_listen)
+            .await
+            .with_context(|| format!("binding {}", config.http.metrics_listen))?;
+        let metrics_addr = metrics.local_addr()?;
         let http_addr = http.local_addr()?;
         let grpc_addr = grpc.local_addr()?;
         let (shutdown_tx, shutdown) = signal::channel(false);
@@ -105,6 +111,8 @@ impl App {
             grpc,
             http_addr,
             grpc_addr,
+            metrics,
+            metrics_addr,
             shutdown_tx,
         })
     }
@@ -119,9 +127,19 @@ impl App {
         self.grpc_addr
     }
 
+    /// The bound address of the internal `/metrics` listener.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics_addr
+    }
+
     /// The REST router of this app, for calling it without a socket.
     pub fn router(&self) -> axum::Router {
         rest::router(self.state.clone())
+    }
+
+    /// The internal listener's router (`/metrics`), for calling it without a socket.
+    pub fn metrics_router(&self) -> axum::Router {
+        rest::metrics_router(self.state.clone())
     }
 
     /// Serves REST and gRPC until `stop` resolves, then stops in order: report
@@ -135,6 +153,7 @@ impl App {
             hub,
             http,
             grpc,
+            metrics,
             shutdown_tx,
             ..
         } = self;
@@ -205,6 +224,11 @@ impl App {
         let stopped = |mut rx: signal::Receiver<bool>| async move {
             let _ = rx.wait_for(|s| *s).await;
         };
+        let metrics_server = tokio::spawn(
+            axum::serve(metrics, rest::metrics_router(state.clone()))
+                .with_graceful_shutdown(stopped(shutdown.clone()))
+                .into_future(),
+        );
         let rest = axum::serve(http, rest::router(state))
             .with_graceful_shutdown(stopped(shutdown.clone()));
         let grpc_server = tonic::transport::Server::builder()
@@ -229,6 +253,9 @@ impl App {
         }
         if let Some(task) = jwks_refresh {
             task.abort();
+        }
+        if let Ok(Err(e)) = metrics_server.await {
+            tracing::warn!(error = %e, "metrics listener failed");
         }
         rest_result.context("REST server")?;
         grpc_result.context("gRPC server")?;

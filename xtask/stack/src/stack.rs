@@ -470,6 +470,10 @@ impl Stack {
             "STREAMSPACE_GRPC__LISTEN".into(),
             format!("127.0.0.1:{grpc_port}"),
         ));
+        env.push((
+            "STREAMSPACE_HTTP__METRICS_LISTEN".into(),
+            "127.0.0.1:0".into(),
+        ));
         let spec = Spec {
             name: "api-gateway".into(),
             program: bin_dir()?.join("streamspace-api-gateway"),

@@ -65,7 +65,6 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/openapi.json", get(openapi_json))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics_text))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state.clone());
@@ -463,11 +462,15 @@ async fn readyz(State(state): State<AppState>) -> Result<Json<serde_json::Value>
     Ok(Json(serde_json::json!({ "status": "ready" })))
 }
 
+/// The internal listener's router: `/metrics` only. It is not on the API port, so
+/// unauthenticated API clients cannot read it or grow it.
+pub fn metrics_router(state: AppState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics_text))
+        .with_state(state)
+}
+
 /// Prometheus text: the pipeline counters of this process and per-route request metrics.
-#[utoipa::path(
-    get, path = "/metrics", tag = "meta", security(()),
-    responses((status = 200, description = "Prometheus text format", content_type = "text/plain"))
-)]
 async fn metrics_text(State(state): State<AppState>) -> Response {
     let mut text = streamspace_core::telemetry::METRICS.render_prometheus();
     text.push_str(&state.metrics.render());

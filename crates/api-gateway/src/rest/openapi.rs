@@ -58,7 +58,6 @@ impl Modify for BearerAuth {
         super::openapi_json,
         super::healthz,
         super::readyz,
-        super::metrics_text,
     ),
     components(schemas(
         Problem,

@@ -29,6 +29,7 @@ pub struct TestGateway {
     pub config: GatewayConfig,
     pub grpc_addr: SocketAddr,
     router: axum::Router,
+    metrics_router: axum::Router,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
 }
@@ -75,6 +76,7 @@ pub fn test_config(url: &str) -> GatewayConfig {
     };
     config.http.listen = SocketAddr::from(([127, 0, 0, 1], 0));
     config.grpc.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    config.http.metrics_listen = SocketAddr::from(([127, 0, 0, 1], 0));
     config.auth.hmac_secret = Some(Secret::new(SECRET.to_owned()));
     config.auth.dev_tokens = true;
     config
@@ -94,6 +96,7 @@ impl TestGateway {
             .await
             .expect("gateway builds");
         let router = app.router();
+        let metrics_router = app.metrics_router();
         let grpc_addr = app.grpc_addr();
         let pool = PgPool::connect(&url).await.unwrap();
         let queue = CommandQueue::new(pool.clone(), QueueConfig::default()).unwrap();
@@ -107,6 +110,7 @@ impl TestGateway {
             config,
             grpc_addr,
             router,
+            metrics_router,
             stop: Some(stop),
             task: Some(task),
         }
@@ -130,6 +134,20 @@ impl TestGateway {
 
     pub fn admin_token(&self, user: &str) -> String {
         auth::mint_dev_token(&self.config.auth, user, true).unwrap()
+    }
+
+    /// `/metrics` from the internal listener's router: status and text.
+    pub async fn metrics(&self) -> (StatusCode, String) {
+        let req = Request::builder()
+            .uri("/metrics")
+            .body(Body::empty())
+            .unwrap();
+        let response = self.metrics_router.clone().oneshot(req).await.unwrap();
+        let status = response.status();
+        let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        (status, String::from_utf8(bytes.to_vec()).unwrap())
     }
 
     /// A REST call through the router, without a socket.
