@@ -17,13 +17,15 @@ pub struct Flags {
         global = true
     )]
     pub api_url: String,
-    /// Bearer token (a JWT; `streamspace-api-gateway mint-token` makes development ones).
-    #[arg(long, env = "STREAMSPACE_TOKEN", hide_env_values = true, global = true)]
-    pub token: Option<String>,
-    /// Read the bearer token from this file (first line; wins over --token and the
-    /// variable, and keeps the token out of the process list and shell history).
-    #[arg(long, global = true)]
+    /// Read the bearer token (a JWT) from this file instead of `STREAMSPACE_TOKEN`. There
+    /// is no flag taking the token itself: an argument shows in the process list and the
+    /// shell history.
+    #[arg(long, env = "STREAMSPACE_TOKEN_FILE", global = true)]
     pub token_file: Option<std::path::PathBuf>,
+    /// For an `https://` --api-url: PEM file of the CA that signed the gateway's (or its
+    /// ingress's) certificate. Default: the WebPKI roots.
+    #[arg(long, env = "STREAMSPACE_CA_FILE", global = true)]
+    pub ca_file: Option<std::path::PathBuf>,
     /// Output format.
     #[arg(short, long, value_enum, default_value_t = Format::Table, global = true)]
     pub output: Format,

@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 use streamspace_proto::api::v1 as pb;
 use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tonic::{Request, Status};
 
 use crate::error::{CliError, Context as _, Kind, Result};
@@ -46,6 +46,9 @@ fn keyed<T>(msg: T, change: &Change) -> Result<Request<T>> {
     Ok(req)
 }
 
+/// Where the bearer token comes from unless `--token-file` says otherwise.
+pub const TOKEN_VAR: &str = "STREAMSPACE_TOKEN";
+
 pub async fn run(flags: Flags) -> Result<ExitCode> {
     let token = match &flags.token_file {
         Some(path) => std::fs::read_to_string(path)
@@ -54,7 +57,8 @@ pub async fn run(flags: Flags) -> Result<ExitCode> {
             })?
             .trim()
             .to_owned(),
-        None => flags.token.clone().unwrap_or_default(),
+        // Read here, not by clap: a `--token` flag would invite tokens on the command line.
+        None => std::env::var(TOKEN_VAR).unwrap_or_default(),
     };
     if token.is_empty() {
         return Err(CliError::new(
@@ -65,16 +69,33 @@ pub async fn run(flags: Flags) -> Result<ExitCode> {
     let bearer = format!("Bearer {token}").parse().or_kind(Kind::Usage, || {
         "the token contains characters that cannot be sent".into()
     })?;
-    let channel = Endpoint::from_shared(flags.api_url.clone())
+    let mut endpoint = Endpoint::from_shared(flags.api_url.clone())
         .or_kind(Kind::Usage, || {
             format!("invalid --api-url {:?}", flags.api_url)
         })?
-        .connect_timeout(Duration::from_secs(10))
-        .connect()
-        .await
-        .or_kind(Kind::Unavailable, || {
-            format!("cannot reach the api-gateway at {}", flags.api_url)
-        })?;
+        .connect_timeout(Duration::from_secs(10));
+    if flags.api_url.starts_with("https://") {
+        let tls = match &flags.ca_file {
+            Some(path) => {
+                let pem = std::fs::read(path).or_kind(Kind::Usage, || {
+                    format!("cannot read --ca-file {}", path.display())
+                })?;
+                ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem))
+            }
+            None => ClientTlsConfig::new().with_webpki_roots(),
+        };
+        endpoint = endpoint
+            .tls_config(tls)
+            .or_kind(Kind::Usage, || "TLS settings for --api-url".into())?;
+    } else if flags.ca_file.is_some() {
+        return Err(CliError::new(
+            Kind::Usage,
+            "--ca-file is for an https:// --api-url",
+        ));
+    }
+    let channel = endpoint.connect().await.or_kind(Kind::Unavailable, || {
+        format!("cannot reach the api-gateway at {}", flags.api_url)
+    })?;
     let auth = Auth { bearer };
     let sessions = Sessions::new(InterceptedService::new(channel.clone(), auth.clone()));
     let agents = Agents::new(InterceptedService::new(channel, auth));

@@ -32,6 +32,7 @@ async fn gateway() -> Env {
     };
     config.http.listen = SocketAddr::from(([127, 0, 0, 1], 0));
     config.grpc.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    config.http.metrics_listen = SocketAddr::from(([127, 0, 0, 1], 0));
     config.auth.hmac_secret = Some(Secret::new("cli-test-secret-of-thirty-two-bytes!".into()));
     config.auth.dev_tokens = true;
     let app = App::build(config.clone(), SchemaPolicy::Require)
@@ -264,6 +265,26 @@ async fn failures_exit_with_one_code_per_kind_and_the_servers_message() {
 
     let usage = env.run(&alice, &["sessions", "frobnicate"]).await;
     assert_eq!(code(&usage), Some(2));
+    // The token is never an argument: there is no flag for it.
+    let on_argv = env.run("", &["--token", &alice, "sessions", "list"]).await;
+    assert_eq!(code(&on_argv), Some(2), "{}", stderr(&on_argv));
+    // A CA file is read, and only for https://.
+    let ca_for_plaintext = env
+        .run(&alice, &["--ca-file", "/etc/hostname", "sessions", "list"])
+        .await;
+    assert_eq!(code(&ca_for_plaintext), Some(2));
+    assert!(stderr(&ca_for_plaintext).contains("https://"));
+    let missing_ca = env
+        .cli(
+            &alice,
+            &["--ca-file", "/nonexistent/ca.pem", "sessions", "list"],
+        )
+        .env("STREAMSPACE_API_URL", "https://127.0.0.1:9")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(code(&missing_ca), Some(2), "{}", stderr(&missing_ca));
+    assert!(stderr(&missing_ca).contains("/nonexistent/ca.pem"));
     let timeout_without_wait = env
         .run(&alice, &["sessions", "hibernate", &id, "--timeout", "1s"])
         .await;
