@@ -24,6 +24,10 @@ struct Flags {
     /// With --migrate: exit once the schema is current (for a migration Job).
     #[arg(long, requires = "migrate")]
     exit_after_migrate: bool,
+    /// With --migrate: grant the named roles (GATEWAY,DISPATCHER; they must exist) exactly
+    /// what each service uses, once the schema is current. Run it as the schema's owner.
+    #[arg(long, requires = "migrate", value_name = "GATEWAY,DISPATCHER")]
+    grant_roles: Option<String>,
 }
 
 #[tokio::main]
@@ -32,11 +36,28 @@ async fn main() -> anyhow::Result<()> {
     let config: DispatcherConfig =
         streamspace_core::config::load(flags.config.as_deref()).context("loading configuration")?;
     streamspace_core::telemetry::init_tracing("info", config.log_json);
-    if flags.exit_after_migrate {
+    let roles = match &flags.grant_roles {
+        Some(list) => match list.split_once(',') {
+            Some((gateway, dispatcher)) if !gateway.is_empty() && !dispatcher.is_empty() => {
+                Some((gateway.trim().to_owned(), dispatcher.trim().to_owned()))
+            }
+            _ => anyhow::bail!("--grant-roles takes GATEWAY_ROLE,DISPATCHER_ROLE, got {list:?}"),
+        },
+        None => None,
+    };
+    if flags.exit_after_migrate || roles.is_some() {
         let pool = streamspace_core::db::connect(&config.database).await?;
         streamspace_core::db::ensure_schema(&pool, SchemaPolicy::Migrate).await?;
         tracing::info!("schema is current");
-        return Ok(());
+        if let Some((gateway, dispatcher)) = &roles {
+            streamspace_core::db::grant_service_roles(&pool, gateway, dispatcher)
+                .await
+                .with_context(|| format!("granting roles {gateway} and {dispatcher}"))?;
+            tracing::info!(gateway, dispatcher, "service roles granted");
+        }
+        if flags.exit_after_migrate {
+            return Ok(());
+        }
     }
     let policy = if flags.migrate {
         SchemaPolicy::Migrate

@@ -125,6 +125,13 @@ pub struct DatabaseConfig {
     pub acquire_timeout_secs: u64,
     /// Shown in `pg_stat_activity`, so operators can tell the services apart.
     pub application_name: String,
+    /// TLS to the server, overriding the URL's `sslmode`: `disable`, `prefer`, `require`,
+    /// `verify-ca` or `verify-full` (production: `verify-full`, the server's name checked
+    /// against its certificate).
+    pub ssl_mode: Option<String>,
+    /// PEM CA bundle the server's certificate is verified against (`verify-ca`,
+    /// `verify-full`); overrides the URL's `sslrootcert`.
+    pub ssl_root_cert: Option<std::path::PathBuf>,
 }
 
 impl Default for DatabaseConfig {
@@ -134,6 +141,8 @@ impl Default for DatabaseConfig {
             max_connections: 10,
             acquire_timeout_secs: 5,
             application_name: "streamspace".to_owned(),
+            ssl_mode: None,
+            ssl_root_cert: None,
         }
     }
 }

@@ -19,17 +19,52 @@ pub static MIGRATOR: Migrator = sqlx::migrate!("../../migrations");
 
 /// Opens a pool for `config`. Connections are made lazily up to `max_connections`.
 pub async fn connect(config: &DatabaseConfig) -> Result<PgPool> {
-    let options: PgConnectOptions = config
+    let mut options: PgConnectOptions = config
         .url
         .expose()
         .parse()
         .map_err(|e| Error::Config(format!("database url: {e}")))?;
+    if let Some(mode) = &config.ssl_mode {
+        let mode = mode.parse::<sqlx::postgres::PgSslMode>().map_err(|_| {
+            Error::Config(format!(
+                "database.ssl_mode {mode:?}: use disable, allow, prefer, require, verify-ca or verify-full"
+            ))
+        })?;
+        options = options.ssl_mode(mode);
+    }
+    if let Some(path) = &config.ssl_root_cert {
+        if !path.is_file() {
+            return Err(Error::Config(format!(
+                "database.ssl_root_cert {} is not a readable file",
+                path.display()
+            )));
+        }
+        options = options.ssl_root_cert(path);
+    }
     let pool = PgPoolOptions::new()
         .max_connections(config.max_connections)
         .acquire_timeout(Duration::from_secs(config.acquire_timeout_secs))
         .connect_with(options.application_name(&config.application_name))
         .await?;
     Ok(pool)
+}
+
+/// Grants the gateway's and the dispatcher's roles exactly the privileges their services
+/// use (migration 7's `streamspace_grant_roles`), revoking anything else on the project's
+/// tables. Run by the schema's owner after migrating; the roles must exist.
+pub async fn grant_service_roles(
+    pool: &PgPool,
+    gateway_role: &str,
+    dispatcher_role: &str,
+) -> Result<()> {
+    sqlx::query!(
+        "SELECT streamspace_grant_roles($1::text::name, $2::text::name)",
+        gateway_role,
+        dispatcher_role
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok(())
 }
 
 /// Whether the database answers and takes writes (a primary, not a standby in recovery).

@@ -75,3 +75,63 @@ fn the_shipped_configuration_loads_and_validates() {
         "and requires client certificates"
     );
 }
+
+/// The migration Job's `--grant-roles`: malformed lists and missing roles are named; with
+/// the roles present the grants land (a service role can read the queue, not change the
+/// schema).
+#[tokio::test]
+async fn the_migration_job_grants_the_service_roles() {
+    let url = streamspace_devpg::testdb::empty_database_url().await;
+    let out = dispatcher(
+        &url,
+        &["--migrate", "--exit-after-migrate", "--grant-roles=one"],
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("GATEWAY_ROLE,DISPATCHER_ROLE"));
+
+    let suffix = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
+    let (gw, dp) = (format!("bin_gw_{suffix}"), format!("bin_dp_{suffix}"));
+    let roles = format!("--grant-roles={gw},{dp}");
+    let out = dispatcher(&url, &["--migrate", "--exit-after-migrate", &roles]);
+    assert!(!out.status.success(), "granted to roles that do not exist");
+    assert!(String::from_utf8_lossy(&out.stderr).contains(&gw));
+
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    for role in [&gw, &dp] {
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE ROLE {role}")))
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
+    let out = dispatcher(&url, &["--migrate", "--exit-after-migrate", &roles]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let can = |role: &str, privilege: &str, table: &str| {
+        let pool = pool.clone();
+        let (role, privilege, table) = (role.to_owned(), privilege.to_owned(), table.to_owned());
+        async move {
+            let (yes,): (bool,) = sqlx::query_as("SELECT has_table_privilege($1, $2, $3)")
+                .bind(&role)
+                .bind(&table)
+                .bind(&privilege)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+            yes
+        }
+    };
+    assert!(can(&dp, "UPDATE", "agent_commands").await);
+    assert!(!can(&dp, "INSERT", "sessions").await);
+    assert!(can(&gw, "INSERT", "sessions").await);
+    assert!(!can(&gw, "DELETE", "agent_commands").await);
+    let (schema_create,): (bool,) =
+        sqlx::query_as("SELECT has_schema_privilege($1, 'public', 'CREATE')")
+            .bind(&gw)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert!(!schema_create, "the gateway's role may change the schema");
+}

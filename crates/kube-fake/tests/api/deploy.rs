@@ -726,6 +726,74 @@ fn sessions_are_isolated_by_default_deny_network_policies() {
 #[test]
 fn production_runs_three_replicas_and_carries_no_placeholder_secrets() {
     let r = rendered(&repo_root().join("deploy/overlays/production"));
+    // Every component that connects to PostgreSQL verifies the server (verify-full)
+    // against a mounted CA.
+    let mut connecting: Vec<(String, &PodSpec)> = ["api-gateway", "command-dispatcher"]
+        .iter()
+        .map(|n| {
+            (
+                n.to_string(),
+                pod_spec(&r.deployments[*n].spec.as_ref().unwrap().template),
+            )
+        })
+        .collect();
+    for job in &r.jobs {
+        connecting.push(("job".into(), pod_spec(&job.spec.as_ref().unwrap().template)));
+    }
+    // One database role per component: three Secrets, and the Job grants the others.
+    let secrets: std::collections::BTreeSet<String> = connecting
+        .iter()
+        .filter_map(|(_, spec)| {
+            spec.containers[0]
+                .env
+                .iter()
+                .flatten()
+                .find(|e| e.name == "STREAMSPACE_DATABASE__URL")?
+                .value_from
+                .as_ref()?
+                .secret_key_ref
+                .as_ref()
+                .map(|k| k.name.clone())
+        })
+        .collect();
+    assert_eq!(
+        secrets.len(),
+        3,
+        "one database Secret per component: {secrets:?}"
+    );
+    let job_args = pod_spec(&r.jobs[0].spec.as_ref().unwrap().template).containers[0]
+        .args
+        .clone()
+        .unwrap_or_default();
+    assert!(
+        job_args.iter().any(|a| a.starts_with("--grant-roles=")),
+        "the migration Job grants the service roles: {job_args:?}"
+    );
+    for (name, spec) in connecting {
+        let c = &spec.containers[0];
+        let env = |key: &str| {
+            c.env
+                .iter()
+                .flatten()
+                .find(|e| e.name == key)
+                .and_then(|e| e.value.clone())
+        };
+        assert_eq!(
+            env("STREAMSPACE_DATABASE__SSL_MODE").as_deref(),
+            Some("verify-full"),
+            "{name}"
+        );
+        let ca = env("STREAMSPACE_DATABASE__SSL_ROOT_CERT").unwrap_or_default();
+        let mounted = c.volume_mounts.iter().flatten().any(|m| {
+            ca.starts_with(&format!("{}/", m.mount_path))
+                && spec.volumes.iter().flatten().any(|v| {
+                    v.name == m.name
+                        && v.secret.as_ref().and_then(|s| s.secret_name.as_deref())
+                            == Some("streamspace-database-ca")
+                })
+        });
+        assert!(mounted, "{name}: the database CA {ca:?} is not mounted");
+    }
     for name in ["api-gateway", "command-dispatcher"] {
         assert_eq!(
             r.deployments[name].spec.as_ref().unwrap().replicas,

@@ -7,6 +7,7 @@ mod agent_tls;
 mod balance;
 mod chaos;
 mod command_retry;
+mod db_roles;
 mod heartbeat;
 mod kubernetes;
 mod resources;
@@ -86,6 +87,7 @@ pub const SCENARIOS: &[(&str, ScenarioFn)] = &[
     ("3.3-heartbeat", |c, r| Box::pin(heartbeat::run(c, r))),
     ("3.4-balance", |c, r| Box::pin(balance::run(c, r))),
     ("agent-mtls", |c, r| Box::pin(agent_tls::run(c, r))),
+    ("db-roles", |c, r| Box::pin(db_roles::run(c, r))),
     ("4.1-throughput", |c, r| Box::pin(throughput::run(c, r))),
     ("4.2-resources", |c, r| Box::pin(resources::run(c, r))),
     ("chaos-stream-cut", |c, r| Box::pin(chaos::stream_cut(c, r))),
