@@ -1,6 +1,7 @@
 //! The gateway's configuration, with documented defaults. Loaded in layers by
 //! `streamspace_core::config::load` (defaults → TOML file → `STREAMSPACE_*` variables).
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -236,6 +237,17 @@ pub struct SessionLimits {
     /// Watches (REST or gRPC) one user may hold open on this gateway at once; 0: no
     /// limit. Each costs a task and a database read per change.
     pub max_watches_per_user: u32,
+    /// Tighter maxima for some templates, by template name (`limits.templates.NAME.max_memory`);
+    /// a template not listed is held to `max_memory`/`max_cpu`.
+    pub templates: BTreeMap<String, TemplateLimits>,
+}
+
+/// The most a session of one template may ask for.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TemplateLimits {
+    pub max_memory: Option<String>,
+    pub max_cpu: Option<String>,
 }
 
 impl Default for SessionLimits {
@@ -245,6 +257,7 @@ impl Default for SessionLimits {
             max_cpu: "16".into(),
             max_active_sessions_per_user: 100,
             max_watches_per_user: 32,
+            templates: BTreeMap::new(),
         }
     }
 }
@@ -313,10 +326,26 @@ impl GatewayConfig {
         if self.idempotency.retention_hours == 0 {
             return Err("idempotency.retention_hours must be positive".into());
         }
+        let per_template = self.limits.templates.iter().flat_map(|(t, l)| {
+            [
+                (
+                    format!("limits.templates.{t}.max_memory"),
+                    l.max_memory.as_ref(),
+                ),
+                (format!("limits.templates.{t}.max_cpu"), l.max_cpu.as_ref()),
+            ]
+        });
         for (name, value) in [
-            ("limits.max_memory", &self.limits.max_memory),
-            ("limits.max_cpu", &self.limits.max_cpu),
-        ] {
+            (
+                "limits.max_memory".to_owned(),
+                Some(&self.limits.max_memory),
+            ),
+            ("limits.max_cpu".to_owned(), Some(&self.limits.max_cpu)),
+        ]
+        .into_iter()
+        .chain(per_template)
+        {
+            let Some(value) = value else { continue };
             if parse_quantity(value).is_none_or(|v| v <= 0.0) {
                 return Err(format!(
                     "{name} {value:?} must be a positive Kubernetes quantity, e.g. 32Gi or 16"

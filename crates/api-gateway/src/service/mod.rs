@@ -126,8 +126,8 @@ fn check_location(what: &str, value: &str) -> Result<(), ApiError> {
 }
 
 /// A requested resource: a positive Kubernetes quantity of at most 16 characters, no
-/// larger than the configured maximum.
-fn check_quantity(what: &str, value: &str, max: &str) -> Result<(), ApiError> {
+/// larger than the maximum configured for `template` (or for every session).
+fn check_quantity(what: &str, value: &str, max: &str, template: &str) -> Result<(), ApiError> {
     let parsed = (value.len() <= 16)
         .then(|| crate::config::parse_quantity(value))
         .flatten()
@@ -139,7 +139,7 @@ fn check_quantity(what: &str, value: &str, max: &str) -> Result<(), ApiError> {
     };
     if crate::config::parse_quantity(max).is_some_and(|limit| parsed > limit) {
         return Err(ApiError::Invalid(format!(
-            "resources.{what} {value:?} is more than a session may have ({max})"
+            "resources.{what} {value:?} is more than a {template} session may have ({max})"
         )));
     }
     Ok(())
@@ -253,11 +253,20 @@ impl Api {
         self.admit(caller, Class::Write)?;
         check_template(&req.template)?;
         if let Some(r) = &req.resources {
+            let limits = &self.inner.config.limits;
+            let template = limits.templates.get(&req.template);
             if let Some(m) = &r.memory {
-                check_quantity("memory", m, &self.inner.config.limits.max_memory)?;
+                let max = template.and_then(|t| t.max_memory.as_ref());
+                check_quantity(
+                    "memory",
+                    m,
+                    max.unwrap_or(&limits.max_memory),
+                    &req.template,
+                )?;
             }
             if let Some(c) = &r.cpu {
-                check_quantity("cpu", c, &self.inner.config.limits.max_cpu)?;
+                let max = template.and_then(|t| t.max_cpu.as_ref());
+                check_quantity("cpu", c, max.unwrap_or(&limits.max_cpu), &req.template)?;
             }
         }
         for (what, v) in [("cluster", &req.cluster), ("region", &req.region)] {

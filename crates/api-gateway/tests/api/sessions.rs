@@ -101,6 +101,48 @@ async fn fields_a_client_must_not_set_are_refused() {
     assert_eq!(gw.count("sessions").await, 0);
 }
 
+/// A template may have tighter maxima than the global ones; other templates keep those.
+#[tokio::test]
+async fn a_template_is_held_to_its_own_maximum() {
+    let gw = TestGateway::start_with(|c| {
+        c.limits.templates.insert(
+            "firefox".into(),
+            streamspace_api_gateway::config::TemplateLimits {
+                max_memory: Some("2Gi".into()),
+                max_cpu: Some("1".into()),
+            },
+        );
+    })
+    .await;
+    gw.online_agent("a-1", "default").await;
+    let alice = gw.token("alice");
+    for (resources, says) in [
+        (
+            json!({"memory": "3Gi"}),
+            "more than a firefox session may have (2Gi)",
+        ),
+        (
+            json!({"cpu": "1500m"}),
+            "more than a firefox session may have (1)",
+        ),
+    ] {
+        let detail = gw
+            .create(
+                &alice,
+                json!({"template": "firefox", "resources": resources}),
+            )
+            .await
+            .problem(StatusCode::BAD_REQUEST);
+        assert!(detail.contains(says), "{resources}: {detail}");
+    }
+    assert_eq!(gw.count("sessions").await, 0, "a refusal writes nothing");
+    let within = json!({"template": "firefox", "resources": {"memory": "2Gi", "cpu": "1"}});
+    assert_eq!(gw.create(&alice, within).await.status, StatusCode::ACCEPTED);
+    // Another template keeps the global maximum.
+    let other = json!({"template": "desktop", "resources": {"memory": "3Gi"}});
+    assert_eq!(gw.create(&alice, other).await.status, StatusCode::ACCEPTED);
+}
+
 #[tokio::test]
 async fn limits_are_enforced_with_400_413_and_415() {
     let gw = TestGateway::start().await;
@@ -124,10 +166,16 @@ async fn limits_are_enforced_with_400_413_and_415() {
     for (resources, says) in [
         (
             json!({"memory": "99999Ti"}),
-            "more than a session may have (32Gi)",
+            "more than a firefox session may have (32Gi)",
         ),
-        (json!({"memory": "33Gi"}), "more than a session may have"),
-        (json!({"cpu": "17"}), "more than a session may have (16)"),
+        (
+            json!({"memory": "33Gi"}),
+            "more than a firefox session may have",
+        ),
+        (
+            json!({"cpu": "17"}),
+            "more than a firefox session may have (16)",
+        ),
         (json!({"cpu": "0"}), "positive"),
     ] {
         let detail = gw
