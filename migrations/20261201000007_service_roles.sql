@@ -35,9 +35,11 @@ BEGIN
     EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON api_idempotency TO %I', gateway_role);
 
     -- The dispatcher: delivery (claim, ack, complete, fail, rescue, prune), liveness and
-    -- epochs, credential checks, session observations, stops for orphaned sessions.
+    -- epochs, credential checks, session observations, stops for orphaned sessions,
+    -- pruning ended sessions past the retention.
     EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON agent_commands TO %I', dispatcher_role);
-    EXECUTE format('GRANT SELECT, UPDATE ON sessions, agents TO %I', dispatcher_role);
+    EXECUTE format('GRANT SELECT, UPDATE ON agents TO %I', dispatcher_role);
+    EXECUTE format('GRANT SELECT, UPDATE, DELETE ON sessions TO %I', dispatcher_role);
     EXECUTE format('GRANT SELECT, UPDATE (last_used_at) ON agent_credentials TO %I', dispatcher_role);
     EXECUTE format('GRANT USAGE ON SEQUENCE agent_command_lease_token_seq TO %I', dispatcher_role);
 END;

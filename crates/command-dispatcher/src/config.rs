@@ -133,7 +133,7 @@ pub struct MaintenanceConfig {
     pub rescue_interval_ms: u64,
     /// How often terminal commands past retention are pruned.
     pub prune_interval_ms: u64,
-    /// How long terminal commands are kept.
+    /// How long terminal commands, and ended sessions without open commands, are kept.
     pub retention_hours: u64,
 }
 

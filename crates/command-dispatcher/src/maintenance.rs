@@ -41,7 +41,8 @@ impl LeaseRescuer {
     }
 }
 
-/// Deletes terminal commands older than the retention window, in batches.
+/// Deletes terminal commands, then ended sessions without open commands, older than the
+/// retention window, in batches.
 #[derive(Debug)]
 pub struct CommandPruner {
     shared: Arc<Shared>,
@@ -72,6 +73,16 @@ impl CommandPruner {
                     Ok(_) => break,
                     Err(e) => {
                         tracing::error!(error = %e, "pruning commands failed");
+                        break;
+                    }
+                }
+            }
+            loop {
+                match self.shared.queue.session_prune(self.retention, BATCH).await {
+                    Ok(n) if n == BATCH as u64 => continue,
+                    Ok(_) => break,
+                    Err(e) => {
+                        tracing::error!(error = %e, "pruning sessions failed");
                         break;
                     }
                 }

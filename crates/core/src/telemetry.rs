@@ -41,6 +41,7 @@ pub struct Metrics {
     pub leases_rescued: AtomicU64,
     pub commands_expired: AtomicU64,
     pub commands_pruned: AtomicU64,
+    pub sessions_pruned: AtomicU64,
 }
 
 /// The counters of this process.
@@ -56,6 +57,7 @@ pub static METRICS: Metrics = Metrics {
     leases_rescued: AtomicU64::new(0),
     commands_expired: AtomicU64::new(0),
     commands_pruned: AtomicU64::new(0),
+    sessions_pruned: AtomicU64::new(0),
 };
 
 pub(crate) fn add(counter: &AtomicU64, n: u64) {
@@ -63,7 +65,7 @@ pub(crate) fn add(counter: &AtomicU64, n: u64) {
 }
 
 impl Metrics {
-    fn rows(&self) -> [(&'static str, &'static str, &AtomicU64); 11] {
+    fn rows(&self) -> [(&'static str, &'static str, &AtomicU64); 12] {
         [
             (
                 "streamspace_commands_quarantined_total",
@@ -119,6 +121,11 @@ impl Metrics {
                 "streamspace_commands_pruned_total",
                 "terminal commands pruned",
                 &self.commands_pruned,
+            ),
+            (
+                "streamspace_sessions_pruned_total",
+                "ended sessions pruned after the retention",
+                &self.sessions_pruned,
             ),
         ]
     }

@@ -293,6 +293,33 @@ impl CommandQueue {
         add(&METRICS.commands_pruned, done.rows_affected());
         Ok(done.rows_affected())
     }
+
+    /// Deletes up to `limit` sessions that ended (`terminated` or `failed`) more than
+    /// `retention` ago and have no open command, so ended sessions do not pile up. A
+    /// session a command is still about to act on stays.
+    pub async fn session_prune(&self, retention: Duration, limit: i64) -> Result<u64> {
+        let done = sqlx::query!(
+            r#"
+            DELETE FROM sessions
+            WHERE id IN (
+                SELECT s.id FROM sessions s
+                WHERE s.state IN ('terminated', 'failed')
+                  AND s.updated_at < now() - make_interval(secs => $1)
+                  AND NOT EXISTS (
+                      SELECT 1 FROM agent_commands c
+                      WHERE c.session_id = s.id
+                        AND c.status NOT IN ('completed', 'failed', 'cancelled'))
+                LIMIT $2
+                FOR UPDATE SKIP LOCKED)
+            "#,
+            secs(retention),
+            limit,
+        )
+        .execute(&self.pool)
+        .await?;
+        add(&METRICS.sessions_pruned, done.rows_affected());
+        Ok(done.rows_affected())
+    }
 }
 
 impl CommandQueue {

@@ -327,3 +327,43 @@ async fn a_lost_session_is_not_overwritten_when_a_command_is_accepted_concurrent
     assert!(r.lost.is_empty(), "{r:?}");
     assert_eq!(state_of(&q, "s-1").await.0, "hibernating");
 }
+
+/// Ended sessions are pruned after the retention, but not one a command is still open
+/// for, and not a live one.
+#[tokio::test]
+async fn prune_removes_ended_sessions_without_open_commands_only() {
+    let q = queue().await;
+    session(&q, "s-ended", "terminated").await;
+    session(&q, "s-failed", "failed").await;
+    session(&q, "s-live", "running").await;
+    session(&q, "s-ending", "terminated").await;
+    enqueue(&q, &stop("agent-a", Some("s-ending"))).await;
+    let sessions_left = || async {
+        let ids: Vec<(String,)> = sqlx::query_as("SELECT id FROM sessions ORDER BY id")
+            .fetch_all(q.pool())
+            .await
+            .unwrap();
+        ids.into_iter().map(|(id,)| id).collect::<Vec<_>>()
+    };
+    assert_eq!(
+        q.session_prune(std::time::Duration::from_secs(3600), 100)
+            .await
+            .unwrap(),
+        0,
+        "too recent"
+    );
+    let pruned = crate::helpers::eventually(
+        "the ended sessions to age past a 1ms retention",
+        std::time::Duration::from_secs(5),
+        || async {
+            let n = q
+                .session_prune(std::time::Duration::from_millis(1), 100)
+                .await
+                .unwrap();
+            (n > 0).then_some(n)
+        },
+    )
+    .await;
+    assert_eq!(pruned, 2);
+    assert_eq!(sessions_left().await, ["s-ending", "s-live"]);
+}

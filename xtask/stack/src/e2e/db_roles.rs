@@ -123,7 +123,7 @@ async fn steps(
         refused(gateway_url, "DELETE FROM agent_commands").await?,
         refused(dispatcher_url, "CREATE TABLE dispatcher_was_here (x int)").await?,
         refused(dispatcher_url, "INSERT INTO agent_credentials (credential_id, agent_id, token_sha256) VALUES ('c', 'a', 'x')").await?,
-        refused(dispatcher_url, "DELETE FROM sessions").await?,
+        refused(dispatcher_url, "DELETE FROM api_idempotency").await?,
     ];
     r.check(
         "what a role was not granted is refused (no DDL, no foreign tables)",
