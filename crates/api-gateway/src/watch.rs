@@ -5,6 +5,10 @@
 //! and then reports every notified change that snapshot does not already contain, in
 //! commit order. After the listener reconnects (notifications may have been lost) every
 //! watcher re-reads and reports the state if it moved.
+//!
+//! One notified change costs one database read however many watch that row: the hub hands
+//! every subscriber of it the same [`SharedRead`], which the first watcher to need it
+//! fills and the others wait for.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,9 +32,19 @@ enum Key {
     Command(String),
 }
 
+/// A row read once for one notified change, shared by every watcher of that row.
+#[derive(Clone, Debug)]
+enum Row {
+    Session(streamspace_core::api::SessionRecord),
+    Command(streamspace_core::queue::CommandRecord),
+}
+
+/// The read of one change: done by whichever watcher gets to it first.
+type SharedRead = Arc<tokio::sync::OnceCell<Result<Option<Row>, String>>>;
+
 #[derive(Clone, Debug)]
 enum Signal {
-    Note(ChangeNote),
+    Note(ChangeNote, SharedRead),
     Resync,
 }
 
@@ -44,6 +58,8 @@ pub struct ChangeHub {
     next_id: AtomicU64,
     /// Open watches per user.
     open: Mutex<HashMap<String, u32>>,
+    /// Rows read for notified changes (one per change, not per watcher).
+    reads: AtomicU64,
 }
 
 /// One open watch of a user; dropping it (the watch ended) gives the place back.
@@ -112,6 +128,27 @@ impl ChangeHub {
         })
     }
 
+    /// Database reads made for notified changes since start.
+    pub fn reads(&self) -> u64 {
+        self.reads.load(Ordering::Relaxed)
+    }
+
+    /// Reads the changed row once for all its watchers: the first caller runs `read`, the
+    /// others wait for its result.
+    async fn read_once<F, Fut>(&self, shared: &SharedRead, read: F) -> Result<Option<Row>, String>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = streamspace_core::Result<Option<Row>>>,
+    {
+        shared
+            .get_or_init(|| async {
+                self.reads.fetch_add(1, Ordering::Relaxed);
+                read().await.map_err(|e| e.to_string())
+            })
+            .await
+            .clone()
+    }
+
     /// Open watches of `user_id` (for tests and metrics).
     pub fn open_watches(&self, user_id: &str) -> u32 {
         let open = self.open.lock().unwrap_or_else(|p| p.into_inner());
@@ -159,9 +196,18 @@ impl ChangeHub {
 
 fn send(subs: &Subscribers, key: &Key, note: ChangeNote) {
     if let Some(list) = subs.get(key) {
+        let read = SharedRead::default();
         for (_, tx) in list {
-            let _ = tx.send(Signal::Note(note.clone()));
+            let _ = tx.send(Signal::Note(note.clone(), read.clone()));
         }
+    }
+}
+
+/// A shared read that failed, as the watch's last event.
+fn read_failed(what: &str, e: String) -> ApiError {
+    ApiError::Unavailable {
+        message: format!("reading the {what} after a change failed ({e}); watch again"),
+        retry_after: None,
     }
 }
 
@@ -206,15 +252,22 @@ pub async fn watch_session(
             };
             let event = match signal {
                 None => return,
-                Some(Signal::Note(note)) if snapshot.contains(note.xid) => continue,
-                Some(Signal::Note(note)) => {
-                    match sessions::session_get(&pool, &user_id, &id).await {
-                        Ok(Some(r)) => Ok(SessionEventView {
+                Some(Signal::Note(note, _)) if snapshot.contains(note.xid) => continue,
+                Some(Signal::Note(note, read)) => {
+                    let row = hub
+                        .read_once(&read, || async {
+                            Ok(sessions::session_get(&pool, &user_id, &id)
+                                .await?
+                                .map(Row::Session))
+                        })
+                        .await;
+                    match row {
+                        Ok(Some(Row::Session(r))) => Ok(SessionEventView {
                             state: note.state,
                             session: SessionView::from(r),
                         }),
-                        Ok(None) => return,
-                        Err(e) => Err(ApiError::from(e)),
+                        Ok(_) => return,
+                        Err(e) => Err(read_failed("session", e)),
                     }
                 }
                 Some(Signal::Resync) => {
@@ -281,15 +334,24 @@ pub async fn watch_command(
             };
             let event = match signal {
                 None => return,
-                Some(Signal::Note(note)) if snapshot.contains(note.xid) => continue,
-                Some(Signal::Note(note)) => match CommandQueue::command_get(&pool, &id).await {
-                    Ok(Some(r)) => Ok(CommandEventView {
-                        status: note.state,
-                        command: CommandView::from(r),
-                    }),
-                    Ok(None) => return,
-                    Err(e) => Err(ApiError::from(e)),
-                },
+                Some(Signal::Note(note, _)) if snapshot.contains(note.xid) => continue,
+                Some(Signal::Note(note, read)) => {
+                    let row = hub
+                        .read_once(&read, || async {
+                            Ok(CommandQueue::command_get(&pool, &id)
+                                .await?
+                                .map(Row::Command))
+                        })
+                        .await;
+                    match row {
+                        Ok(Some(Row::Command(r))) => Ok(CommandEventView {
+                            status: note.state,
+                            command: CommandView::from(r),
+                        }),
+                        Ok(_) => return,
+                        Err(e) => Err(read_failed("command", e)),
+                    }
+                }
                 Some(Signal::Resync) => match resync_command(&pool, &id, &mut snapshot).await {
                     Ok(Some(r)) if r.status == last => continue,
                     Ok(Some(r)) => Ok(CommandEventView {

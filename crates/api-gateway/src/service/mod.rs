@@ -547,6 +547,11 @@ impl Api {
         )
     }
 
+    /// Database reads made for notified changes (one per change, however many watch it).
+    pub fn watch_reads(&self) -> u64 {
+        self.inner.hub.reads()
+    }
+
     /// Watches `user_id` holds open on this gateway.
     pub fn open_watches(&self, user_id: &str) -> u32 {
         self.inner.hub.open_watches(user_id)

@@ -497,3 +497,45 @@ async fn a_user_over_the_watch_limit_gets_resource_exhausted() {
         }
     }
 }
+
+/// One change of a session watched by several clients costs one database read, not one
+/// per watcher.
+#[tokio::test]
+async fn watchers_of_one_session_share_one_read_per_change() {
+    let gw = TestGateway::start().await;
+    gw.online_agent("a-1", "default").await;
+    let alice = gw.token("alice");
+    let (id, _) = gw.create_ok(&alice).await;
+    let client = Sessions::new(gw.channel().await);
+    let mut watches = Vec::new();
+    for _ in 0..4 {
+        let mut c = client.clone();
+        let mut w = c
+            .watch_session(authed(pb::WatchSessionRequest { id: id.clone() }, &alice))
+            .await
+            .unwrap()
+            .into_inner();
+        next(&mut w).await;
+        watches.push(w);
+    }
+    let reads = |text: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix("streamspace_api_watch_reads_total "))
+            .and_then(|v| v.parse().ok())
+            .expect("the watch reads counter")
+    };
+    let before = reads(&gw.metrics().await.1);
+    let mut c = client.clone();
+    c.hibernate_session(authed(
+        pb::HibernateSessionRequest { id: id.clone() },
+        &alice,
+    ))
+    .await
+    .unwrap();
+    for w in &mut watches {
+        let event = next(w).await;
+        assert_eq!(event.state, "hibernating", "{event:?}");
+    }
+    let after = reads(&gw.metrics().await.1);
+    assert_eq!(after - before, 1.0, "one change, four watchers");
+}
