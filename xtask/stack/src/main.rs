@@ -44,6 +44,13 @@ enum Flags {
         runs: Option<usize>,
         #[arg(long, default_value = "target/bench")]
         out: PathBuf,
+        /// Also run graphile-worker and PgQueuer (`../shared/bench/peers`) in the same
+        /// session and write our figures in their schema: `<out>/peers/summary.md`.
+        #[arg(long)]
+        peers: bool,
+        /// Where the peers' harness lives.
+        #[arg(long, requires = "peers")]
+        peers_dir: Option<PathBuf>,
     },
     /// Faults under a steady workload, every operation accounted for.
     Chaos {
@@ -107,12 +114,16 @@ async fn main() -> anyhow::Result<()> {
             only,
             runs,
             out,
+            peers,
+            peers_dir,
         } => {
             streamspace_stack::bench::run(streamspace_stack::bench::BenchOptions {
                 profile,
                 only,
                 runs,
                 out_dir: out,
+                peers: peers
+                    .then(|| peers_dir.unwrap_or_else(streamspace_stack::bench::peers::default_dir)),
             })
             .await
         }

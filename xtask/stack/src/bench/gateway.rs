@@ -254,20 +254,33 @@ pub async fn latency_200(env: &Env) -> anyhow::Result<Run> {
         )
         .await?;
         let ids: Vec<String> = sent.iter().map(|(_, (id, _))| id.clone()).collect();
-        let done: Vec<(String, DateTime<Utc>)> = sqlx::query_as(
-            "SELECT command_id, completed_at FROM agent_commands WHERE command_id = ANY($1)",
+        let done: Vec<(String, DateTime<Utc>, DateTime<Utc>)> = sqlx::query_as(
+            "SELECT command_id, sent_at, completed_at FROM agent_commands WHERE command_id = ANY($1)",
         )
         .bind(&ids)
         .fetch_all(&stack.pool)
         .await?;
-        let done: std::collections::HashMap<String, DateTime<Utc>> = done.into_iter().collect();
+        let done: std::collections::HashMap<String, (DateTime<Utc>, DateTime<Utc>)> = done
+            .into_iter()
+            .map(|(id, sent, completed)| (id, (sent, completed)))
+            .collect();
+        let ms = |from: DateTime<Utc>, to: DateTime<Utc>| {
+            (to - from).num_microseconds().unwrap_or(0) as f64 / 1e3
+        };
         let mut lat = Vec::with_capacity(sent.len());
+        let mut start = Vec::with_capacity(sent.len());
         let mut accept = Vec::with_capacity(sent.len());
         for (accept_ms, (id, scheduled)) in &sent {
-            let completed = done.get(id).context("a sent command without completion")?;
-            lat.push((*completed - *scheduled).num_microseconds().unwrap_or(0) as f64 / 1e3);
+            let (pushed, completed) = done.get(id).context("a sent command without completion")?;
+            lat.push(ms(*scheduled, *completed));
+            start.push(ms(*scheduled, *pushed));
             accept.push(*accept_ms);
         }
+        let spread = |v: &mut Vec<f64>| {
+            json!({ "n": v.len(), "p50": percentile(v, 50.0), "p90": percentile(v, 90.0),
+                    "p99": percentile(v, 99.0), "max": percentile(v, 100.0) })
+        };
+        let (start_ms, complete_ms) = (spread(&mut start), spread(&mut lat));
         Ok(Run {
             value: percentile(&mut lat, 50.0),
             secondary: Some(percentile(&mut lat, 99.0)),
@@ -276,6 +289,9 @@ pub async fn latency_200(env: &Env) -> anyhow::Result<Run> {
                 "max_ms": percentile(&mut lat, 100.0),
                 "accept_p50_ms": percentile(&mut accept, 50.0),
                 "accept_p99_ms": percentile(&mut accept, 99.0),
+                // Scheduled send -> pushed to the agent, and -> completed.
+                "start_ms": start_ms,
+                "complete_ms": complete_ms,
             }),
         })
     }

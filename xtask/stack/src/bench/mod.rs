@@ -9,8 +9,10 @@
 //! spawned), so they measure the pipeline, not `fork`; each file says which runtime.
 
 mod gateway;
+pub mod peers;
 mod pipeline;
 mod queue;
+mod streams;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -42,6 +44,9 @@ pub struct BenchOptions {
     pub runs: Option<usize>,
     /// Where the JSON files go.
     pub out_dir: PathBuf,
+    /// Also run the peers' harness from this directory (`../shared/bench/peers`) in the
+    /// same session and write our figures in their schema (`<out_dir>/peers`).
+    pub peers: Option<PathBuf>,
 }
 
 /// What a figure must reach.
@@ -234,9 +239,9 @@ pub fn specs() -> Vec<Spec> {
             unit: "streams",
             target: Target::AtLeast(10_000.0),
             secondary: Some(("RSS per stream", "KB", Target::AtMost(50.0))),
-            runtime: "none",
-            run: None,
-            missing: "not measured yet: needs a stream simulator (10,000 agents with credentials over real gRPC)",
+            runtime: "none (simulated agents: credential, own connection, Hello, heartbeats)",
+            run: bench_fn!(streams::streams),
+            missing: "",
         },
         Spec {
             name: "reconnect",
@@ -365,6 +370,18 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<()> {
         )?;
         table.push(table_row(spec, &entry));
         summary.insert(spec.name.to_owned(), entry);
+    }
+    if let Some(peers_dir) = &opts.peers {
+        let ours: Vec<(&str, Vec<Run>)> = results
+            .iter()
+            .filter_map(|(s, r)| Some((s.name, r.as_ref().ok()?.clone())))
+            .collect();
+        let postgres = json!({
+            "server_version": machine["postgres"],
+            "fsync": "on",
+            "synchronous_commit": "on",
+        });
+        peers::run(peers_dir, &opts.out_dir.join("peers"), &ours, &postgres)?;
     }
     let summary_path = opts.out_dir.join("summary.json");
     std::fs::write(
