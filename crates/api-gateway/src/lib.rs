@@ -167,6 +167,10 @@ impl App {
         health_reporter
             .set_serving::<AgentAdminServiceServer<grpc::AgentAdminServiceImpl>>()
             .await;
+        // The server as a whole (the empty name load balancers ask by default).
+        health_reporter
+            .set_service_status("", tonic_health::ServingStatus::Serving)
+            .await;
         // Reflection describes what this server serves: the public API, not the agent
         // protocol that shares the generated-code crate.
         let descriptors = api_descriptors()?;
@@ -217,6 +221,9 @@ impl App {
                 .await;
             health_reporter
                 .set_not_serving::<AgentAdminServiceServer<grpc::AgentAdminServiceImpl>>()
+                .await;
+            health_reporter
+                .set_service_status("", tonic_health::ServingStatus::NotServing)
                 .await;
             let _ = shutdown_tx.send(true);
         });

@@ -78,9 +78,7 @@ impl DbHealth {
                         tracing::info!("database reachable again; ready for agents");
                         self.db_ok.send_replace(true);
                         if !*self.shared.shutdown.borrow() {
-                            self.health
-                                .set_serving::<AgentServiceServer<AgentServiceImpl>>()
-                                .await;
+                            set_serving(&self.health, true).await;
                         }
                     }
                 }
@@ -96,13 +94,31 @@ impl DbHealth {
                             failures,
                             "database unreachable; not ready: ending agent streams so agents fail over"
                         );
-                        self.health
-                            .set_not_serving::<AgentServiceServer<AgentServiceImpl>>()
-                            .await;
+                        set_serving(&self.health, false).await;
                         self.db_ok.send_replace(false);
                     }
                 }
             }
         }
     }
+}
+
+/// Reports the agent service and the server as a whole (the empty service name, which
+/// load balancers and `grpc_health_probe` ask by default) serving or not.
+pub(crate) async fn set_serving(health: &tonic_health::server::HealthReporter, serving: bool) {
+    let status = if serving {
+        tonic_health::ServingStatus::Serving
+    } else {
+        tonic_health::ServingStatus::NotServing
+    };
+    if serving {
+        health
+            .set_serving::<AgentServiceServer<AgentServiceImpl>>()
+            .await;
+    } else {
+        health
+            .set_not_serving::<AgentServiceServer<AgentServiceImpl>>()
+            .await;
+    }
+    health.set_service_status("", status).await;
 }

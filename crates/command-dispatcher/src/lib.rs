@@ -164,9 +164,7 @@ impl App {
             ..
         } = self;
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
-        health_reporter
-            .set_serving::<AgentServiceServer<service::AgentServiceImpl>>()
-            .await;
+        health::set_serving(&health_reporter, true).await;
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(streamspace_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -199,9 +197,7 @@ impl App {
         let stopping = async move {
             stop.await;
             tracing::info!("shutting down: no new claims, releasing leases, closing agent streams");
-            health_reporter
-                .set_not_serving::<AgentServiceServer<service::AgentServiceImpl>>()
-                .await;
+            health::set_serving(&health_reporter, false).await;
             let _ = shutdown_tx.send(true);
         };
         tokio::spawn(stopping);

@@ -122,8 +122,9 @@ async fn main() -> anyhow::Result<()> {
                 only,
                 runs,
                 out_dir: out,
-                peers: peers
-                    .then(|| peers_dir.unwrap_or_else(streamspace_stack::bench::peers::default_dir)),
+                peers: peers.then(|| {
+                    peers_dir.unwrap_or_else(streamspace_stack::bench::peers::default_dir)
+                }),
             })
             .await
         }

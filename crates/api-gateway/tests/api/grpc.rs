@@ -367,17 +367,21 @@ async fn reflection_lists_the_services_and_health_reports_serving() {
         );
     }
     let mut health = HealthClient::new(channel);
-    let status = health
-        .check(tonic_health::pb::HealthCheckRequest {
-            service: "streamspace.api.v1.SessionService".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        status.status,
-        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
-    );
+    // A service by name, and the server as a whole (the empty name).
+    for service in ["streamspace.api.v1.SessionService", ""] {
+        let status = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            status.status,
+            tonic_health::pb::health_check_response::ServingStatus::Serving as i32,
+            "{service:?}"
+        );
+    }
 }
 
 /// With the agent offline and the start never sent, a user's changes of mind are all

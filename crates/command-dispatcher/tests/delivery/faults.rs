@@ -131,6 +131,11 @@ async fn regression_db_loss_ends_streams() {
         503,
         "not ready while the database is gone"
     );
+    assert_eq!(
+        overall_health(&sick).await,
+        tonic_health::pb::health_check_response::ServingStatus::NotServing as i32,
+        "gRPC health of the whole server follows the database too"
+    );
 
     // The agent fails over to the healthy replica and its work flows there.
     let mut moved = RawAgent::connect(&healthy.url(), &token).await;
@@ -147,6 +152,23 @@ async fn regression_db_loss_ends_streams() {
         (sick.readiness().await == 200).then_some(())
     })
     .await;
+    assert_eq!(
+        overall_health(&sick).await,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+}
+
+/// The gRPC health status of the server as a whole (the empty service name).
+async fn overall_health(d: &TestDispatcher) -> i32 {
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel(&d.url()).await);
+    health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status
 }
 
 /// Opens a Connect stream with `token` whose `Hello` is sent later, through the returned

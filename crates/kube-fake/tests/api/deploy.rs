@@ -229,6 +229,11 @@ fn template_labels(d: &Deployment) -> BTreeMap<String, String> {
 
 /// Every container: an image, requests and limits for CPU and memory, no privilege.
 fn check_pod(owner: &str, spec: &PodSpec, r: &Rendered) {
+    assert_eq!(
+        spec.enable_service_links,
+        Some(false),
+        "{owner}: Service links inject STREAMSPACE_* variables the config loader refuses"
+    );
     let pod_sc = spec
         .security_context
         .as_ref()

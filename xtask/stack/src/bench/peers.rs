@@ -42,7 +42,10 @@ pub fn run(
     }
     let _ = std::fs::remove_dir_all(out);
     std::fs::create_dir_all(out)?;
-    println!("peers: running {} (installs graphile-worker and PgQueuer from npm/pip; ~6 min)", script.display());
+    println!(
+        "peers: running {} (installs graphile-worker and PgQueuer from npm/pip; ~6 min)",
+        script.display()
+    );
     let status = Command::new("bash")
         .arg(&script)
         .arg(out)
@@ -50,7 +53,10 @@ pub fn run(
         .with_context(|| format!("running {}", script.display()))?;
     if !status.success() {
         // Failed runs are listed in their summary; ours are still written.
-        eprintln!("peers: run-all.sh exited with {status}; see {}/summary.md", out.display());
+        eprintln!(
+            "peers: run-all.sh exited with {status}; see {}/summary.md",
+            out.display()
+        );
     }
     let dir = out.join("streamspace");
     std::fs::create_dir_all(&dir)?;
@@ -76,12 +82,19 @@ pub fn run(
     if !status.success() {
         bail!("summarize.py exited with {status}");
     }
-    println!("peers: side by side in {}", out.join("summary.md").display());
+    println!(
+        "peers: side by side in {}",
+        out.join("summary.md").display()
+    );
     Ok(())
 }
 
 /// One of our runs in the peers' schema: `(variant, mode, document)`.
-fn as_peer_result(name: &str, r: &Run, postgres: &Value) -> Option<(&'static str, &'static str, Value)> {
+fn as_peer_result(
+    name: &str,
+    r: &Run,
+    postgres: &Value,
+) -> Option<(&'static str, &'static str, Value)> {
     let d = &r.details;
     let common = |variant: &str, mode: &str, brief: String, settings: Value| {
         let mut settings = settings;
@@ -102,7 +115,10 @@ fn as_peer_result(name: &str, r: &Run, postgres: &Value) -> Option<(&'static str
             let mut doc = common(
                 "queue",
                 "drain",
-                format!("{} claimers x batch {}, queue calls only", d["claimers"], d["batch"]),
+                format!(
+                    "{} claimers x batch {}, queue calls only",
+                    d["claimers"], d["batch"]
+                ),
                 json!({ "jobs": jobs }),
             );
             doc["insert"] = json!({ "jobs_per_s": d["enqueue_per_s"] });

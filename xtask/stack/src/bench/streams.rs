@@ -16,8 +16,8 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
 
-use super::{Env, Run};
 use super::pipeline::{record_stack_options, until};
+use super::{Env, Run};
 use crate::stack::{Stack, register_agent};
 
 /// Agents connecting or registering at once.
@@ -212,7 +212,9 @@ fn raise_fd_limit(want: u64) -> anyhow::Result<()> {
     }
     let (soft, _) = getrlimit(Resource::RLIMIT_NOFILE)?;
     if soft < want {
-        bail!("open-file limit {soft} is below the {want} this benchmark needs (raise `ulimit -n`)");
+        bail!(
+            "open-file limit {soft} is below the {want} this benchmark needs (raise `ulimit -n`)"
+        );
     }
     Ok(())
 }

@@ -150,12 +150,14 @@ impl Inner {
                 "name": session,
                 "labels": self.labels(session, spec),
                 // Owned by the Deployment: deleting it (even by hand) removes the Service.
+                // No blockOwnerDeletion: setting it needs `update` on
+                // deployments/finalizers where owner references are enforced, and a
+                // foreground delete of the Deployment does not need it.
                 "ownerReferences": [{
                     "apiVersion": "apps/v1",
                     "kind": "Deployment",
                     "name": session,
                     "uid": owner.metadata.uid,
-                    "blockOwnerDeletion": true,
                 }],
             },
             "spec": {
