@@ -20,11 +20,16 @@ const BATCH: i64 = 256;
 
 pub async fn independent(env: &Env) -> anyhow::Result<Run> {
     let (enqueue, drain) = drain(env, COMMANDS, 0).await?;
+    // The same drain with the status-change NOTIFY trigger (migration 3, for watches)
+    // switched off: what that trigger costs the queue.
+    let (_, without_notify) = drain_with(env, COMMANDS, 0, false).await?;
     Ok(Run {
         value: drain,
         secondary: None,
         details: json!({ "commands": COMMANDS, "claimers": CLAIMERS, "batch": BATCH,
-                         "enqueue_per_s": enqueue }),
+                         "enqueue_per_s": enqueue,
+                         "without_notify_trigger_per_s": without_notify,
+                         "with_over_without_notify": drain / without_notify }),
     })
 }
 
@@ -53,6 +58,17 @@ pub async fn fifo_deep(env: &Env) -> anyhow::Result<Run> {
 /// `(enqueue/s, claim+complete/s)` for `commands` spread round-robin over `sessions`
 /// (0: no session) in a fresh database.
 pub async fn drain(env: &Env, commands: usize, sessions: usize) -> anyhow::Result<(f64, f64)> {
+    drain_with(env, commands, sessions, true).await
+}
+
+/// [`drain`], optionally with the status-change NOTIFY trigger disabled (an experiment:
+/// the services need it for watches).
+async fn drain_with(
+    env: &Env,
+    commands: usize,
+    sessions: usize,
+    notify_trigger: bool,
+) -> anyhow::Result<(f64, f64)> {
     let url = env.fresh_database().await?;
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(CLAIMERS as u32 + 2)
@@ -60,6 +76,11 @@ pub async fn drain(env: &Env, commands: usize, sessions: usize) -> anyhow::Resul
         .await?;
     streamspace_core::db::ensure_schema(&pool, streamspace_core::db::SchemaPolicy::Migrate).await?;
     crate::stack::register_agent(&pool, "bench").await?;
+    if !notify_trigger {
+        sqlx::query("ALTER TABLE agent_commands DISABLE TRIGGER agent_commands_notify_change")
+            .execute(&pool)
+            .await?;
+    }
     let queue = CommandQueue::new(pool.clone(), QueueConfig::default())?;
 
     let cmds: Vec<NewCommand> = (0..commands)
