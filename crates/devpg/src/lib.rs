@@ -80,6 +80,8 @@ pub struct ClusterOptions {
     /// Fixed port; `None` picks a free one.
     pub port: Option<u16>,
     pub max_connections: u32,
+    /// Extra server settings (`-c name=value`), e.g. `shared_preload_libraries`.
+    pub settings: Vec<(String, String)>,
 }
 
 impl Default for ClusterOptions {
@@ -89,6 +91,7 @@ impl Default for ClusterOptions {
             durability: Durability::Fast,
             port: None,
             max_connections: 200,
+            settings: Vec::new(),
         }
     }
 }
@@ -333,6 +336,9 @@ impl PgCluster {
             .arg("-c")
             .arg(format!("max_connections={}", options.max_connections))
             .args(["-c", "shared_buffers=128MB"]);
+        for (name, value) in &options.settings {
+            cmd.arg("-c").arg(format!("{name}={value}"));
+        }
         if options.durability == Durability::Fast {
             cmd.args([
                 "-c",

@@ -44,6 +44,9 @@ enum Flags {
         runs: Option<usize>,
         #[arg(long, default_value = "target/bench")]
         out: PathBuf,
+        /// Load pg_stat_statements and keep each queue drain's top statements (diagnostics).
+        #[arg(long)]
+        pgss: bool,
         /// Also run graphile-worker and PgQueuer (`../shared/bench/peers`) in the same
         /// session and write our figures in their schema: `<out>/peers/summary.md`.
         #[arg(long)]
@@ -116,12 +119,14 @@ async fn main() -> anyhow::Result<()> {
             out,
             peers,
             peers_dir,
+            pgss,
         } => {
             streamspace_stack::bench::run(streamspace_stack::bench::BenchOptions {
                 profile,
                 only,
                 runs,
                 out_dir: out,
+                pgss,
                 peers: peers.then(|| {
                     peers_dir.unwrap_or_else(streamspace_stack::bench::peers::default_dir)
                 }),

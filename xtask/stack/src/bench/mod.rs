@@ -44,6 +44,9 @@ pub struct BenchOptions {
     pub runs: Option<usize>,
     /// Where the JSON files go.
     pub out_dir: PathBuf,
+    /// Preload `pg_stat_statements` and keep each queue drain's top statements in its
+    /// details (diagnostics: it costs a little, leave it off for reported figures).
+    pub pgss: bool,
     /// Also run the peers' harness from this directory (`../shared/bench/peers`) in the
     /// same session and write our figures in their schema (`<out_dir>/peers`).
     pub peers: Option<PathBuf>,
@@ -119,6 +122,8 @@ pub struct Env {
     pub profile: Profile,
     pub run_dir: PathBuf,
     next: AtomicUsize,
+    /// `pg_stat_statements` is loaded: benchmarks may report their top statements.
+    pub pgss: bool,
 }
 
 impl Env {
@@ -298,9 +303,18 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<()> {
     let run_dir = opts.out_dir.join("run");
     let _ = std::fs::remove_dir_all(&run_dir);
     std::fs::create_dir_all(&run_dir)?;
-    let cluster = tokio::task::spawn_blocking(|| {
+    let pgss = opts.pgss;
+    let cluster = tokio::task::spawn_blocking(move || {
         PgCluster::start(ClusterOptions {
             durability: Durability::Durable,
+            settings: if pgss {
+                vec![(
+                    "shared_preload_libraries".into(),
+                    "pg_stat_statements".into(),
+                )]
+            } else {
+                Vec::new()
+            },
             ..Default::default()
         })
     })
@@ -310,6 +324,7 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<()> {
         profile: opts.profile,
         run_dir,
         next: AtomicUsize::new(0),
+        pgss,
     };
     let machine = machine(&env).await;
 

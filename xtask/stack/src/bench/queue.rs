@@ -102,6 +102,14 @@ async fn drain_with(
     let enqueue_per_s = commands as f64 / started.elapsed().as_secs_f64();
     sqlx::query("CHECKPOINT").execute(&pool).await?;
 
+    if env.pgss {
+        sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+            .execute(&pool)
+            .await?;
+        sqlx::query("SELECT pg_stat_statements_reset()")
+            .execute(&pool)
+            .await?;
+    }
     let done = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
@@ -142,6 +150,30 @@ async fn drain_with(
         r.context("claimer")??;
     }
     let drain_per_s = commands as f64 / started.elapsed().as_secs_f64();
+    if env.pgss {
+        print_top_statements(&pool, commands, sessions).await?;
+    }
     pool.close().await;
     Ok((enqueue_per_s, drain_per_s))
+}
+
+/// Prints the drain's statements by total execution time (`--pgss`).
+async fn print_top_statements(
+    pool: &sqlx::PgPool,
+    commands: usize,
+    sessions: usize,
+) -> anyhow::Result<()> {
+    let rows: Vec<(String, i64, f64, f64)> = sqlx::query_as(
+        "SELECT left(regexp_replace(query, '\\s+', ' ', 'g'), 90), calls, total_exec_time,
+                mean_exec_time
+         FROM pg_stat_statements WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
+         ORDER BY total_exec_time DESC LIMIT 8",
+    )
+    .fetch_all(pool)
+    .await?;
+    println!("top statements of the drain ({commands} commands, {sessions} sessions):");
+    for (query, calls, total, mean) in rows {
+        println!("  {total:>9.1} ms total  {calls:>6} calls  {mean:>7.2} ms mean  {query}");
+    }
+    Ok(())
 }
