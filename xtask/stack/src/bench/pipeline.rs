@@ -264,11 +264,52 @@ pub async fn reconnect(env: &Env) -> anyhow::Result<Run> {
 /// that take the measurement are subtracted).
 pub async fn idle(env: &Env) -> anyhow::Result<Run> {
     let window = Duration::from_secs(if env.full() { 60 } else { 20 });
-    let mut stack = record_stack(env, 1, true).await?;
+    // The same window three times, adding one service each time, so the figure can be
+    // attributed: the dispatcher alone, then with its agent, then with the gateway.
+    let dispatcher = idle_rate(env, window, 0, false).await?;
+    let with_agent = idle_rate(env, window, 1, false).await?;
+    let all = idle_rate(env, window, 1, true).await?;
+    Ok(Run {
+        value: all.0,
+        secondary: None,
+        details: json!({
+            "transactions": all.1, "seconds": all.2,
+            "services": ["api-gateway", "command-dispatcher", "agent"],
+            "per_s_by_stack": {
+                "dispatcher alone": dispatcher.0,
+                "dispatcher + connected agent": with_agent.0,
+                "dispatcher + agent + gateway": all.0,
+            },
+            "per_s_attributed": {
+                "dispatcher (its own loops)": dispatcher.0,
+                "a connected agent (its heartbeats, through the dispatcher)": with_agent.0 - dispatcher.0,
+                "gateway": all.0 - with_agent.0,
+            },
+        }),
+    })
+}
+
+/// `(transactions/s, transactions, seconds)` of a stack with `agents` agents (and the
+/// gateway, or not) doing nothing for `window`.
+async fn idle_rate(
+    env: &Env,
+    window: Duration,
+    agents: usize,
+    gateway: bool,
+) -> anyhow::Result<(f64, i64, f64)> {
+    let mut stack = record_stack(env, agents, gateway).await?;
     let result = async {
         // Let start-up traffic (handshakes, first heartbeats) pass and flush.
         tokio::time::sleep(Duration::from_secs(3)).await;
         let mut conn = stack.pool.acquire().await?;
+        if env.pgss {
+            sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+                .execute(&mut *conn)
+                .await?;
+            sqlx::query("SELECT pg_stat_statements_reset()")
+                .execute(&mut *conn)
+                .await?;
+        }
         let read = "SELECT xact_commit + xact_rollback FROM pg_stat_database
                     WHERE datname = current_database()";
         sqlx::query("SELECT pg_stat_force_next_flush()")
@@ -284,15 +325,17 @@ pub async fn idle(env: &Env) -> anyhow::Result<Run> {
             .await?;
         let after: i64 = sqlx::query_scalar(read).fetch_one(&mut *conn).await?;
         let seconds = started.elapsed().as_secs_f64();
+        if env.pgss {
+            super::queue::print_top_statements(
+                &stack.pool,
+                &format!("idle, {agents} agent(s), gateway {gateway}, {seconds:.0} s"),
+            )
+            .await?;
+        }
         // Counted inside the window: the first read and the second flush request.
         let own = 2;
         let xacts = (after - before - own).max(0);
-        Ok(Run {
-            value: xacts as f64 / seconds,
-            secondary: None,
-            details: json!({ "transactions": xacts, "seconds": seconds,
-                             "services": ["api-gateway", "command-dispatcher", "agent"] }),
-        })
+        Ok((xacts as f64 / seconds, xacts, seconds))
     }
     .await;
     stack.stop().await;

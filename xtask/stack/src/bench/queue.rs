@@ -151,27 +151,27 @@ async fn drain_with(
     }
     let drain_per_s = commands as f64 / started.elapsed().as_secs_f64();
     if env.pgss {
-        print_top_statements(&pool, commands, sessions).await?;
+        print_top_statements(
+            &pool,
+            &format!("the drain ({commands} commands, {sessions} sessions)"),
+        )
+        .await?;
     }
     pool.close().await;
     Ok((enqueue_per_s, drain_per_s))
 }
 
-/// Prints the drain's statements by total execution time (`--pgss`).
-async fn print_top_statements(
-    pool: &sqlx::PgPool,
-    commands: usize,
-    sessions: usize,
-) -> anyhow::Result<()> {
+/// Prints the statements of `what` by total execution time, with their calls (`--pgss`).
+pub async fn print_top_statements(pool: &sqlx::PgPool, what: &str) -> anyhow::Result<()> {
     let rows: Vec<(String, i64, f64, f64)> = sqlx::query_as(
         "SELECT left(regexp_replace(query, '\\s+', ' ', 'g'), 90), calls, total_exec_time,
                 mean_exec_time
          FROM pg_stat_statements WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
-         ORDER BY total_exec_time DESC LIMIT 8",
+         ORDER BY total_exec_time DESC LIMIT 12",
     )
     .fetch_all(pool)
     .await?;
-    println!("top statements of the drain ({commands} commands, {sessions} sessions):");
+    println!("top statements of {what}:");
     for (query, calls, total, mean) in rows {
         println!("  {total:>9.1} ms total  {calls:>6} calls  {mean:>7.2} ms mean  {query}");
     }
