@@ -13,6 +13,7 @@ use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{
     ConfigMap, Container, Namespace, PodSpec, PodTemplateSpec, Secret, Service, ServiceAccount,
 };
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
@@ -36,6 +37,7 @@ pub enum Object {
     NetworkPolicy(NetworkPolicy),
     /// cert-manager `Issuer`/`Certificate`: no typed structs; checked field by field.
     CertManager(Value),
+    HorizontalPodAutoscaler(HorizontalPodAutoscaler),
 }
 
 fn repo_root() -> PathBuf {
@@ -115,6 +117,9 @@ pub fn parse(value: &Value) -> Object {
         ("policy/v1", "PodDisruptionBudget") => Object::PodDisruptionBudget(typed(value)),
         ("networking.k8s.io/v1", "NetworkPolicy") => Object::NetworkPolicy(typed(value)),
         ("cert-manager.io/v1", "Issuer" | "Certificate") => Object::CertManager(value.clone()),
+        ("autoscaling/v2", "HorizontalPodAutoscaler") => {
+            Object::HorizontalPodAutoscaler(typed(value))
+        }
         other => panic!("unexpected object {other:?}: add it to the typed parse"),
     }
 }
@@ -148,6 +153,7 @@ struct Rendered {
     config_maps: Vec<String>,
     /// Every file of every ConfigMap, by file name (`agent.toml`, …).
     config_files: BTreeMap<String, String>,
+    hpas: Vec<HorizontalPodAutoscaler>,
     /// The sessions namespace's enforced Pod Security level.
     session_namespace_enforce: Option<String>,
     /// cert-manager objects by kind and name.
@@ -174,6 +180,7 @@ fn rendered(dir: &Path) -> Rendered {
                 r.config_files.extend(c.data.clone().unwrap_or_default());
                 r.config_maps.push(c.metadata.name.unwrap());
             }
+            Object::HorizontalPodAutoscaler(h) => r.hpas.push(h),
             Object::CertManager(v) => {
                 let key = (
                     v["kind"].as_str().unwrap_or("").to_owned(),
@@ -410,8 +417,27 @@ fn check(dir: &Path) {
     );
     check_agent_link_tls(&overlay, &r);
 
-    // The migration Job runs the one-shot migrate mode.
+    // The gateway scales on CPU, never below two.
+    let hpa = r.hpas.first().expect("an HPA for the gateway");
+    let spec = hpa.spec.as_ref().unwrap();
+    assert_eq!(spec.scale_target_ref.name, "api-gateway", "{overlay}");
+    assert!(spec.min_replicas.is_some_and(|m| m >= 2), "{overlay}");
+    assert!(r.deployments.contains_key(&spec.scale_target_ref.name));
+
+    // The migration Job runs the one-shot migrate mode, and is named per release: its
+    // template cannot change, so a fixed name fails `apply` on upgrade.
     let job = r.jobs.first().expect("a migration Job");
+    let image = pod_spec(&job.spec.as_ref().unwrap().template).containers[0]
+        .image
+        .clone()
+        .unwrap_or_default();
+    let tag = image.rsplit(':').next().unwrap_or_default().replace('.', "-");
+    let job_name = job.metadata.name.clone().unwrap_or_default();
+    // Development images are tagged `dev`; a release pins its version.
+    assert!(
+        overlay != "production" || job_name.ends_with(&tag),
+        "{overlay}: Job {job_name} is not named for its release {image}"
+    );
     let args = pod_spec(&job.spec.as_ref().unwrap().template).containers[0]
         .args
         .clone()
@@ -745,6 +771,26 @@ fn production_runs_three_replicas_and_carries_no_placeholder_secrets() {
     for job in &r.jobs {
         connecting.push(("job".into(), pod_spec(&job.spec.as_ref().unwrap().template)));
     }
+    // Spread over zones as well as nodes, insisting on both.
+    for name in ["api-gateway", "command-dispatcher"] {
+        let spec = pod_spec(&r.deployments[name].spec.as_ref().unwrap().template);
+        let keys: Vec<(&str, &str)> = spec
+            .topology_spread_constraints
+            .iter()
+            .flatten()
+            .map(|c| (c.topology_key.as_str(), c.when_unsatisfiable.as_str()))
+            .collect();
+        for key in ["kubernetes.io/hostname", "topology.kubernetes.io/zone"] {
+            assert!(
+                keys.contains(&(key, "DoNotSchedule")),
+                "production {name}: not spread over {key}: {keys:?}"
+            );
+        }
+    }
+    assert!(
+        r.hpas[0].spec.as_ref().unwrap().min_replicas >= Some(3),
+        "production: the HPA would shrink the gateway below three"
+    );
     // One database role per component: three Secrets, and the Job grants the others.
     let secrets: std::collections::BTreeSet<String> = connecting
         .iter()
