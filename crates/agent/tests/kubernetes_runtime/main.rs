@@ -555,6 +555,35 @@ async fn inventory_comes_from_the_cluster_so_a_restarted_agent_knows_its_session
     env.finish().await;
 }
 
+/// Inventory (every heartbeat) comes from the watch caches once they are synced: it asks
+/// the API server nothing, and still sees what the cluster holds.
+#[tokio::test]
+async fn inventory_is_answered_from_the_watch_caches() {
+    let env = env().await;
+    let Some(fake) = &env.fake else {
+        eprintln!("skipped on a real cluster: needs the stand-in's audit log");
+        return;
+    };
+    env.runtime.start("s-cache", &start("web")).await.unwrap();
+    fake.clear_audit_log();
+    for _ in 0..3 {
+        let listed = env.runtime.list().await.unwrap();
+        assert_eq!(listed.len(), 1, "{listed:?}");
+        assert_eq!(listed[0].state, SessionState::Running);
+    }
+    let calls: Vec<_> = fake
+        .audit_log()
+        .into_iter()
+        .filter(|e| e.verb == "list" || e.verb == "get")
+        .map(|e| format!("{} {}", e.verb, e.resource))
+        .collect();
+    assert!(
+        calls.is_empty(),
+        "inventory asked the API server: {calls:?}"
+    );
+    env.finish().await;
+}
+
 #[tokio::test]
 async fn invalid_requests_fail_permanently_and_name_the_problem() {
     let env = env().await;

@@ -9,11 +9,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{
     ConfigMap, Container, Namespace, PodSpec, PodTemplateSpec, Secret, Service, ServiceAccount,
 };
-use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
@@ -431,7 +431,11 @@ fn check(dir: &Path) {
         .image
         .clone()
         .unwrap_or_default();
-    let tag = image.rsplit(':').next().unwrap_or_default().replace('.', "-");
+    let tag = image
+        .rsplit(':')
+        .next()
+        .unwrap_or_default()
+        .replace('.', "-");
     let job_name = job.metadata.name.clone().unwrap_or_default();
     // Development images are tagged `dev`; a release pins its version.
     assert!(

@@ -37,7 +37,7 @@ use kube::api::{
 };
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Client, Resource};
+use kube::{Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::json;
@@ -303,6 +303,9 @@ struct Inner {
     reported: Mutex<HashMap<String, SessionState>>,
     /// Whether `reported` has been seeded from the first complete caches.
     seeded: Mutex<bool>,
+    /// Per watch (Deployments, Pods): whether its last event was an error. While one is
+    /// failing its cache may be stale, so inventory asks the API server instead.
+    watch_failing: [std::sync::atomic::AtomicBool; 2],
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -393,14 +396,16 @@ impl KubernetesRuntime {
             busy: Mutex::default(),
             reported: Mutex::default(),
             seeded: Mutex::new(false),
+            watch_failing: Default::default(),
         });
         let tasks = vec![
             tokio::spawn(follow(
                 inner.clone(),
                 inner.deployments.clone(),
                 deployment_writer,
+                0,
             )),
-            tokio::spawn(follow(inner.clone(), inner.pods.clone(), pod_writer)),
+            tokio::spawn(follow(inner.clone(), inner.pods.clone(), pod_writer, 1)),
         ];
         Self { inner, tasks }
     }
@@ -411,17 +416,26 @@ impl KubernetesRuntime {
 }
 
 /// Keeps one cache current from its watch, waking waiters and publishing news after
-/// every change. Watch errors are retried with kube-runtime's default backoff.
-async fn follow<K>(inner: Arc<Inner>, api: Api<K>, writer: reflector::store::Writer<K>)
-where
+/// every change. Watch errors are retried with kube-runtime's default backoff. Cached
+/// objects drop their `managedFields` (never read here, often the largest part of an
+/// object). `which` indexes `Inner::watch_failing`.
+async fn follow<K>(
+    inner: Arc<Inner>,
+    api: Api<K>,
+    writer: reflector::store::Writer<K>,
+    which: usize,
+) where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + fmt::Debug + Send + Sync + 'static,
 {
     let config = watcher::Config::default().labels(SESSION_SELECTOR);
     let mut stream = watcher(api, config)
         .default_backoff()
+        .modify(|obj| obj.managed_fields_mut().clear())
         .reflect(writer)
         .boxed();
     while let Some(item) = stream.next().await {
+        let failing = item.is_err();
+        inner.watch_failing[which].store(failing, std::sync::atomic::Ordering::Relaxed);
         if let Err(e) = item {
             tracing::warn!(error = %e, "kubernetes watch failed; retrying");
             continue;
@@ -1063,7 +1077,30 @@ impl Inner {
             .await
     }
 
+    /// The sessions in the cluster: from the watch caches while both are synced and
+    /// healthy (heartbeats cost the API server nothing), else from the API server.
     async fn list(&self) -> Result<Vec<Observation>, RuntimeError> {
+        let watches_ok = !self
+            .watch_failing
+            .iter()
+            .any(|f| f.load(std::sync::atomic::Ordering::Relaxed));
+        if watches_ok && self.caches_ready() {
+            let pods = self.pod_cache.state();
+            return Ok(self
+                .deployment_cache
+                .state()
+                .iter()
+                .filter_map(|d| {
+                    let session = session_of(&d.metadata)?;
+                    let own: Vec<&Pod> = pods
+                        .iter()
+                        .map(|p| p.as_ref())
+                        .filter(|p| is_ours(&p.metadata, session))
+                        .collect();
+                    Some(self.observe(session, Some(d), &own))
+                })
+                .collect());
+        }
         let params = ListParams::default().labels(SESSION_SELECTOR);
         let deployments = self
             .deployments
