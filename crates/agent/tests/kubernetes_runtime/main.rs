@@ -652,10 +652,22 @@ async fn agent_configuration_selects_the_kubernetes_runtime() {
             .capabilities()
             .contains(&"template:firefox-browser".to_owned())
     );
-    // The runtime it built talks to the same cluster.
+    // The runtime it built talks to the same cluster: what another runtime starts there
+    // reaches its inventory (through its watch caches, so not necessarily at once).
     env.runtime.start("s-cfg", &start("web")).await.unwrap();
-    let listed = runtime.list().await.unwrap();
-    assert_eq!(listed.len(), 1, "{listed:?}");
+    let deadline = std::time::Instant::now() + DEADLINE;
+    loop {
+        let listed = runtime.list().await.unwrap();
+        if listed.len() == 1 {
+            assert_eq!(listed[0].session_id, "s-cfg");
+            break;
+        }
+        assert!(
+            listed.is_empty() && std::time::Instant::now() < deadline,
+            "{listed:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     env.finish().await;
 }
 
