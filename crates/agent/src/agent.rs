@@ -179,6 +179,10 @@ impl Agent {
         let mut backoff = Backoff::new(self.config.reconnect_base(), self.config.reconnect_cap());
         let mut connections = 0u64;
         tracing::info!(dispatcher = %self.config.dispatcher_url, runtime = self.runtime.name(), "agent starting");
+        let alive = tokio::spawn(crate::liveness::keep_alive(
+            self.config.state_dir.clone(),
+            Duration::from_millis(self.config.liveness_interval_ms),
+        ));
         loop {
             if stop_requested(&shutdown) {
                 break;
@@ -214,6 +218,7 @@ impl Agent {
                 _ = wait_for_stop(&mut shutdown) => break,
             }
         }
+        alive.abort();
         self.state.send_replace(ConnectionState::Stopped);
         tracing::info!("agent stopped");
         Ok(())

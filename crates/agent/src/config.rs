@@ -71,8 +71,11 @@ pub struct AgentConfig {
     /// For `https://` with mutual TLS: the agent's PEM certificate chain and private key.
     pub tls_cert_file: Option<PathBuf>,
     pub tls_key_file: Option<PathBuf>,
-    /// Where the runtime keeps its session records and effect journal.
+    /// Where the runtime keeps its session records and effect journal (and the liveness
+    /// file `alive`).
     pub state_dir: PathBuf,
+    /// How often the liveness file is rewritten (`streamspace-agent alive` checks it).
+    pub liveness_interval_ms: u64,
     pub runtime: RuntimeKind,
     /// Reconnect backoff: first retry immediate, then full jitter under
     /// `min(cap, base · 2^(n-1))`.
@@ -122,6 +125,7 @@ impl Default for AgentConfig {
             dispatcher_url: DEFAULT_DISPATCHER_URL.to_owned(),
             credential: Secret::new(String::new()),
             insecure: false,
+            liveness_interval_ms: crate::liveness::ALIVE_INTERVAL.as_millis() as u64,
             tls_ca_file: None,
             tls_cert_file: None,
             tls_key_file: None,
@@ -232,6 +236,7 @@ impl AgentConfig {
             return bad("reconnect_base_ms must be positive and at most reconnect_cap_ms".into());
         }
         for (key, value) in [
+            ("liveness_interval_ms", self.liveness_interval_ms),
             ("connect_timeout_ms", self.connect_timeout_ms),
             ("keepalive_interval_ms", self.keepalive_interval_ms),
             ("keepalive_timeout_ms", self.keepalive_timeout_ms),

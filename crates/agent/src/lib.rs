@@ -29,6 +29,7 @@ pub mod config;
 mod error;
 pub mod executions;
 mod executor;
+pub mod liveness;
 mod private_fs;
 pub mod runtime;
 pub mod serve_session;

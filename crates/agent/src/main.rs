@@ -30,6 +30,13 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Liveness probe: exits 0 while the agent with this configuration's state_dir keeps
+    /// its liveness file fresh, 1 otherwise.
+    Alive {
+        /// Older than this, the agent counts as wedged.
+        #[arg(long, default_value_t = streamspace_agent::liveness::DEFAULT_MAX_AGE.as_secs())]
+        max_age_secs: u64,
+    },
     /// The tiny HTTP server the default session templates run.
     #[command(hide = true)]
     ServeSession {
@@ -56,6 +63,19 @@ fn main() -> anyhow::Result<()> {
                 .build()?;
             rt.block_on(streamspace_agent::serve_session::run(&session, host, port))
                 .with_context(|| format!("serving session {session} on {host}:{port}"))
+        }
+        Some(Command::Alive { max_age_secs }) => {
+            // Only state_dir matters here; the probe need not see the credential.
+            let config: AgentConfig = streamspace_core::config::load(cli.config.as_deref())
+                .context("loading configuration")?;
+            let max_age = std::time::Duration::from_secs(max_age_secs);
+            match streamspace_agent::liveness::check(&config.state_dir, max_age) {
+                Ok(age) => {
+                    println!("alive: liveness file written {}s ago", age.as_secs());
+                    Ok(())
+                }
+                Err(why) => anyhow::bail!("not alive: {why}"),
+            }
         }
         None => run_agent(cli.config, cli.insecure),
     }

@@ -323,3 +323,57 @@ async fn sessions_do_not_inherit_the_agents_credential_or_settings() {
     completed(&expect_result(conn.recv().await));
     agent.kill().await.unwrap();
 }
+
+/// The liveness probe (`streamspace-agent alive`): passes while the agent process keeps
+/// its liveness file fresh, and fails once it has stopped (a wedged or dead agent).
+#[tokio::test]
+async fn the_liveness_probe_follows_the_agent_process() {
+    let dir = StateDir::new();
+    let mut dispatcher = FakeDispatcher::start("tok-alive", 60_000).await;
+    let alive = |max_age: &str| {
+        std::process::Command::new(agent_exe())
+            .args(["alive", "--max-age-secs", max_age])
+            .env("STREAMSPACE_STATE_DIR", dir.path())
+            .output()
+            .unwrap()
+    };
+    let before = alive("60");
+    assert!(!before.status.success(), "alive before the agent ran");
+    let mut agent = tokio::process::Command::new(agent_exe())
+        .env("STREAMSPACE_DISPATCHER_URL", &dispatcher.url)
+        .env("STREAMSPACE_CREDENTIAL", "tok-alive")
+        .env("STREAMSPACE_STATE_DIR", dir.path())
+        .env("STREAMSPACE_LIVENESS_INTERVAL_MS", "50")
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let _conn = dispatcher.accept().await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !alive("5").status.success() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the probe never passed"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // Rewritten every 50 ms: a five-second bound keeps passing while the agent runs, past
+    // the age the file would reach if nothing rewrote it …
+    for _ in 0..6 {
+        std::thread::sleep(std::time::Duration::from_millis(1_000));
+        assert!(
+            alive("5").status.success(),
+            "a running agent failed its probe"
+        );
+    }
+    // … and fails once the agent is gone.
+    agent.kill().await.unwrap();
+    let _ = agent.wait().await;
+    std::thread::sleep(std::time::Duration::from_millis(5_500));
+    let after = alive("5");
+    assert!(!after.status.success());
+    assert!(
+        String::from_utf8_lossy(&after.stderr).contains("not alive"),
+        "{}",
+        String::from_utf8_lossy(&after.stderr)
+    );
+}

@@ -465,6 +465,16 @@ fn check(dir: &Path) {
         Some("streamspace-agent")
     );
     assert!(r.service_accounts.contains(&"streamspace-agent".to_owned()));
+    let alive = agent.containers[0]
+        .liveness_probe
+        .as_ref()
+        .and_then(|p| p.exec.as_ref())
+        .and_then(|e| e.command.clone())
+        .unwrap_or_default();
+    assert!(
+        alive.last().is_some_and(|c| c == "alive"),
+        "{overlay}: the agent has no liveness probe: {alive:?}"
+    );
     let role = r
         .roles
         .iter()
