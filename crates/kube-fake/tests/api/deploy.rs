@@ -38,6 +38,8 @@ pub enum Object {
     /// cert-manager `Issuer`/`Certificate`: no typed structs; checked field by field.
     CertManager(Value),
     HorizontalPodAutoscaler(HorizontalPodAutoscaler),
+    /// Prometheus Operator `ServiceMonitor`: no typed struct; checked field by field.
+    ServiceMonitor(Value),
 }
 
 fn repo_root() -> PathBuf {
@@ -117,6 +119,7 @@ pub fn parse(value: &Value) -> Object {
         ("policy/v1", "PodDisruptionBudget") => Object::PodDisruptionBudget(typed(value)),
         ("networking.k8s.io/v1", "NetworkPolicy") => Object::NetworkPolicy(typed(value)),
         ("cert-manager.io/v1", "Issuer" | "Certificate") => Object::CertManager(value.clone()),
+        ("monitoring.coreos.com/v1", "ServiceMonitor") => Object::ServiceMonitor(value.clone()),
         ("autoscaling/v2", "HorizontalPodAutoscaler") => {
             Object::HorizontalPodAutoscaler(typed(value))
         }
@@ -154,6 +157,7 @@ struct Rendered {
     /// Every file of every ConfigMap, by file name (`agent.toml`, …).
     config_files: BTreeMap<String, String>,
     hpas: Vec<HorizontalPodAutoscaler>,
+    service_monitors: Vec<Value>,
     /// The sessions namespace's enforced Pod Security level.
     session_namespace_enforce: Option<String>,
     /// cert-manager objects by kind and name.
@@ -181,6 +185,7 @@ fn rendered(dir: &Path) -> Rendered {
                 r.config_maps.push(c.metadata.name.unwrap());
             }
             Object::HorizontalPodAutoscaler(h) => r.hpas.push(h),
+            Object::ServiceMonitor(m) => r.service_monitors.push(m),
             Object::CertManager(v) => {
                 let key = (
                     v["kind"].as_str().unwrap_or("").to_owned(),
@@ -785,6 +790,47 @@ fn production_runs_three_replicas_and_carries_no_placeholder_secrets() {
     for job in &r.jobs {
         connecting.push(("job".into(), pod_spec(&job.spec.as_ref().unwrap().template)));
     }
+    // The gateway and the dispatcher are scraped: each ServiceMonitor selects a Service
+    // that has the port it names.
+    let mut scraped = Vec::new();
+    for m in &r.service_monitors {
+        let selector: BTreeMap<String, String> =
+            serde_json::from_value(m["spec"]["selector"]["matchLabels"].clone()).unwrap();
+        let svc = r
+            .services
+            .iter()
+            .find(|s| labels_match(&selector, &s.metadata.labels.clone().unwrap_or_default()))
+            .unwrap_or_else(|| {
+                panic!(
+                    "ServiceMonitor {} selects no Service",
+                    m["metadata"]["name"]
+                )
+            });
+        let ports: Vec<String> = svc
+            .spec
+            .as_ref()
+            .unwrap()
+            .ports
+            .iter()
+            .flatten()
+            .filter_map(|p| p.name.clone())
+            .collect();
+        for e in m["spec"]["endpoints"].as_array().into_iter().flatten() {
+            let port = e["port"].as_str().unwrap_or_default().to_owned();
+            assert!(
+                ports.contains(&port),
+                "{}: no port {port} on {ports:?}",
+                m["metadata"]["name"]
+            );
+        }
+        scraped.push(svc.metadata.name.clone().unwrap());
+    }
+    scraped.sort();
+    assert_eq!(
+        scraped,
+        ["api-gateway", "command-dispatcher"],
+        "production scrapes both"
+    );
     // Spread over zones as well as nodes, insisting on both.
     for name in ["api-gateway", "command-dispatcher"] {
         let spec = pod_spec(&r.deployments[name].spec.as_ref().unwrap().template);
