@@ -235,18 +235,18 @@ pub fn hello(sessions: Vec<pb::SessionObservation>) -> pb::AgentMessage {
     }
 }
 
+/// An open Connect stream: what the client sends, what the dispatcher answers.
+pub type Opened = (
+    mpsc::Sender<pb::AgentMessage>,
+    tonic::Streaming<pb::DispatcherMessage>,
+);
+
 /// Opens a Connect stream with `token` and sends `first`; returns the call's result.
 pub async fn open(
     url: &str,
     token: Option<&str>,
     first: pb::AgentMessage,
-) -> Result<
-    (
-        mpsc::Sender<pb::AgentMessage>,
-        tonic::Streaming<pb::DispatcherMessage>,
-    ),
-    tonic::Status,
-> {
+) -> Result<Opened, tonic::Status> {
     open_on(channel(url).await, token, first).await
 }
 
@@ -255,13 +255,7 @@ pub async fn open_on(
     channel: Channel,
     token: Option<&str>,
     first: pb::AgentMessage,
-) -> Result<
-    (
-        mpsc::Sender<pb::AgentMessage>,
-        tonic::Streaming<pb::DispatcherMessage>,
-    ),
-    tonic::Status,
-> {
+) -> Result<Opened, tonic::Status> {
     let (tx, rx) = mpsc::channel(1024);
     tx.send(first).await.unwrap();
     let mut request = tonic::Request::new(ReceiverStream::new(rx));
