@@ -16,7 +16,8 @@ use axum::routing::get;
 use serde_json::{Value, json};
 use tokio::sync::{broadcast, mpsc};
 
-use crate::ops::{self, DeleteOptions, Subresource};
+use crate::apply::Writer;
+use crate::ops::{self, DeleteOptions, Subresource, Write};
 use crate::patch::PatchType;
 use crate::resource::ResourceKind;
 use crate::selector::{FieldSelector, LabelSelector};
@@ -29,6 +30,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/version", get(version))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(|| async { "ok" }))
+        .merge(crate::hooks::router())
         .fallback(handle)
         .with_state(shared)
 }
@@ -76,6 +78,15 @@ fn parse_path(path: &str) -> Option<Target> {
     })
 }
 
+/// Whether the request carries the bearer token.
+pub(crate) fn authorized(shared: &Shared, headers: &HeaderMap) -> bool {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|t| t == shared.token)
+}
+
 /// The RBAC verb of a request, as an authorizer would see it.
 fn rbac_verb(
     method: &Method,
@@ -103,12 +114,7 @@ async fn handle(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let authorized = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|t| t == shared.token);
-    if !authorized {
+    if !authorized(&shared, &headers) {
         return ApiError::unauthorized().into_response();
     }
     let Some(target) = parse_path(uri.path()) else {
@@ -134,18 +140,57 @@ async fn handle(
         name: target.name.clone(),
         code: 0,
     };
-    let denied = {
-        let store = shared.lock();
-        store
-            .settings
-            .denials
-            .iter()
-            .any(|d| d.matches(verb, &entry.resource))
+    // Flow control sheds load before authorization looks at the request; watches are
+    // long-running and exempt here.
+    let throttled = verb != "watch" && {
+        let mut store = shared.lock();
+        let pending = store.throttle > 0;
+        if pending {
+            store.throttle -= 1;
+        }
+        pending
     };
-    let response = if denied {
+    // An apply that would create the object is authorized as `create` as well, as the
+    // real API server does (patch permission alone may not create).
+    let applies = verb == "patch"
+        && target.sub.is_none()
+        && headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|t| t.starts_with("application/apply-patch"));
+    let (denied_verb, creates) = {
+        let store = shared.lock();
+        let creates = applies
+            && target.namespace.is_some()
+            && store
+                .get(&(
+                    target.kind,
+                    target.namespace.clone().unwrap_or_default(),
+                    target.name.clone().unwrap_or_default(),
+                ))
+                .is_none();
+        let denies = |v: &str| {
+            store
+                .settings
+                .denials
+                .iter()
+                .any(|d| d.matches(v, &entry.resource))
+        };
+        let denied_verb = if denies(verb) {
+            Some(verb)
+        } else if creates && denies("create") {
+            Some("create")
+        } else {
+            None
+        };
+        (denied_verb, creates)
+    };
+    let response = if throttled {
+        ApiError::too_many_requests().into_response()
+    } else if let Some(denied) = denied_verb {
         ApiError::forbidden(
             &shared.user,
-            verb,
+            denied,
             target.kind,
             target.sub.map(Subresource::as_str),
             target.namespace.as_deref(),
@@ -159,7 +204,18 @@ async fn handle(
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .unwrap_or("");
-        let result = serve(&shared, verb, &target, &query, content_type, &body);
+        let manager = field_manager(&query, &headers);
+        let write = Write {
+            writer: Writer {
+                manager: &manager,
+                apply: verb == "patch"
+                    && content_type.starts_with("application/apply-patch")
+                    && target.sub.is_none(),
+                subresource: target.sub.map(Subresource::as_str),
+            },
+            dry_run: dry_run(&query),
+        };
+        let result = serve(&shared, verb, &target, &query, content_type, &body, &write);
         // Every write may give the controllers work; a spurious wake-up is harmless.
         if verb != "get" && verb != "list" {
             shared.wake.notify_one();
@@ -171,12 +227,38 @@ async fn handle(
     };
     entry.code = response.status().as_u16();
     tracing::debug!(verb, resource = %entry.resource, name = ?entry.name, code = entry.code, "request");
-    shared.lock().audit.push(entry);
+    let mut store = shared.lock();
+    if creates && !throttled {
+        // The second authorization of a creating apply, as an audit log would show it.
+        store.audit.push(AuditEntry {
+            verb: "create".to_owned(),
+            ..entry.clone()
+        });
+    }
+    store.audit.push(entry);
+    drop(store);
     response
 }
 
 fn dry_run(query: &HashMap<String, String>) -> bool {
     query.get("dryRun").is_some_and(|v| v == "All")
+}
+
+/// The field manager of a write: the `fieldManager` parameter, else what the API server
+/// derives from the user agent (its product name, before the first `/`).
+fn field_manager(query: &HashMap<String, String>, headers: &HeaderMap) -> String {
+    if let Some(m) = query.get("fieldManager").filter(|m| !m.is_empty()) {
+        return m.clone();
+    }
+    headers
+        .get(header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|ua| ua.split('/').next())
+        .filter(|m| !m.is_empty())
+        .unwrap_or("unknown")
+        .chars()
+        .take(128)
+        .collect()
 }
 
 fn parse_body(body: &[u8]) -> Result<Value, ApiError> {
@@ -191,6 +273,7 @@ fn serve(
     query: &HashMap<String, String>,
     content_type: &str,
     body: &[u8],
+    write: &Write<'_>,
 ) -> Result<(StatusCode, Value), ApiError> {
     let kind = target.kind;
     let ns = target.namespace.clone().unwrap_or_default();
@@ -213,13 +296,11 @@ fn serve(
                 return Err(ApiError::method_not_allowed());
             }
             let object = parse_body(body)?;
-            ops::create(&mut store, kind, &ns, object, dry_run(query))
-                .map(|o| (StatusCode::CREATED, o))
+            ops::create(&mut store, kind, &ns, object, write).map(|o| (StatusCode::CREATED, o))
         }
         "update" => {
             let object = parse_body(body)?;
-            ops::replace(&mut store, &key(), target.sub, object, dry_run(query))
-                .map(|o| (StatusCode::OK, o))
+            ops::replace(&mut store, &key(), target.sub, object, write).map(|o| (StatusCode::OK, o))
         }
         "patch" => {
             let ty = PatchType::from_content_type(content_type)
@@ -229,7 +310,7 @@ fn serve(
                     "PatchOptions.meta.k8s.io \"\" is invalid: fieldManager: Required value: is required for apply patch",
                 ));
             }
-            ops::patch(&mut store, &key(), target.sub, ty, body, dry_run(query))
+            ops::patch(&mut store, &key(), target.sub, ty, body, write)
         }
         "delete" => {
             let options = delete_options(body, query)?;

@@ -2,22 +2,44 @@
 //! where no cluster can run.
 //!
 //! [`FakeCluster`] serves plain HTTP on loopback and speaks the real REST paths, verbs,
-//! status codes, `Status` bodies, `resourceVersion` concurrency, watch streams and
-//! deletion propagation for namespaced `apps/v1` Deployments (with `/scale` and
-//! `/status`) and `v1` Services, PersistentVolumeClaims and Pods, so the unmodified
-//! kube-rs client talks to it through a generated kubeconfig. A small built-in controller
-//! makes it behave like a cluster: Deployments get Pods, Pods become ready (or fail to
-//! pull their image), scaling to zero removes them, garbage collection follows owner
-//! references. Test hooks change the world out of band, impose pod states, deny verbs
-//! (403) and record every request in an audit log.
+//! status codes, `Status` bodies, `resourceVersion` concurrency, watch streams,
+//! server-side apply with `managedFields`, and deletion propagation for namespaced
+//! `apps/v1` Deployments (with `/scale` and `/status`) and `v1` Services,
+//! PersistentVolumeClaims, Pods and ResourceQuotas, so the unmodified kube-rs client
+//! talks to it through a generated kubeconfig. A small built-in controller makes it
+//! behave like a cluster: Deployments get Pods (through admission: quotas and an image
+//! policy webhook can refuse them, which the Deployment reports as `ReplicaFailure`),
+//! claims bind after a moment and are protected while in use, Pods become ready (or fail
+//! to pull, crash, or get OOM-killed), scaling to zero removes them, rollouts that stall
+//! exceed their progress deadline, garbage collection follows owner references. Test
+//! hooks change the world out of band, impose pod states, deny verbs (403), throttle
+//! (429), read and write files in pods' volumes, and record every request in an audit
+//! log.
+//!
+//! Besides the Kubernetes paths, the server answers a few test-only paths under
+//! `/fake/v1/` (bearer token required, never audited), for drivers that run the
+//! `streamspace-kube-fake` binary as a process:
+//!
+//! - `PUT` / `GET /fake/v1/namespaces/{ns}/pods/{pod}/files/{path…}`: write or read
+//!   `/{path…}` in the pod (see [`FakeCluster::write_file`]); 204 / 200 with the bytes,
+//!   404 with `{"message": …}` when the pod or file is absent, 409 when the pod is not
+//!   running, 400 for a path with `..`.
+//! - `POST /fake/v1/throttle?count=N`: [`FakeCluster::throttle`]; 204.
 //!
 //! What it does not model is listed in `docs/kubernetes.md`.
 #![forbid(unsafe_code)]
 
+mod admission;
 mod api;
+mod apply;
 mod controller;
+mod fields;
+mod files;
+mod hooks;
 mod ops;
 mod patch;
+mod quantity;
+mod quota;
 mod resource;
 mod selector;
 mod status;
@@ -46,6 +68,12 @@ pub const DEFAULT_POD_READY_DELAY: Duration = Duration::from_millis(200);
 pub const DEFAULT_FAIL_IMAGE_PREFIX: &str = "fail/";
 /// Default image prefix whose container crashes (`CrashLoopBackOff`, never ready).
 pub const DEFAULT_CRASH_IMAGE_PREFIX: &str = "crash/";
+/// Default image prefix whose container starts, then is OOM-killed and crash-loops.
+pub const DEFAULT_OOM_IMAGE_PREFIX: &str = "oom/";
+/// Default image prefix the pretend image policy webhook refuses.
+pub const DEFAULT_ADMISSION_DENY_IMAGE_PREFIX: &str = "denied/";
+/// Default delay from a claim's creation to its binding.
+pub const DEFAULT_PVC_BIND_DELAY: Duration = Duration::from_millis(50);
 /// Default bearer token the kubeconfig carries and the server requires.
 pub const DEFAULT_TOKEN: &str = "streamspace-kube-fake-token";
 
@@ -64,6 +92,18 @@ pub enum Error {
     Api { code: u16, message: String },
     #[error("decoding a stored object: {0}")]
     Decode(#[from] serde_json::Error),
+    #[error("pods {name:?} not found in namespace {namespace:?}")]
+    PodNotFound { namespace: String, name: String },
+    #[error("pod {namespace}/{name} is not running (phase {phase})")]
+    PodNotRunning {
+        namespace: String,
+        name: String,
+        phase: String,
+    },
+    #[error("persistentvolumeclaims {name:?} not found in namespace {namespace:?}")]
+    ClaimNotFound { namespace: String, name: String },
+    #[error("invalid file path {path:?}: {reason}")]
+    InvalidPath { path: String, reason: String },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -126,6 +166,14 @@ pub struct FakeConfig {
     pub fail_image_prefixes: Vec<String>,
     /// Images starting with one of these crash in a loop and never become ready.
     pub crash_image_prefixes: Vec<String>,
+    /// Images starting with one of these run, then are OOM-killed (`OOMKilled`, exit
+    /// code 137) and crash-loop; never ready.
+    pub oom_image_prefixes: Vec<String>,
+    /// Pods with an image starting with one of these are refused by the pretend
+    /// validating webhook `images.policy.streamspace.test`.
+    pub admission_deny_image_prefixes: Vec<String>,
+    /// Delay from a claim's creation to its binding; pods mounting it wait.
+    pub pvc_bind_delay: Duration,
     /// Requests answered 403.
     pub denials: Vec<Denial>,
     /// Interval of `BOOKMARK` events on watches that allow them.
@@ -142,6 +190,9 @@ impl Default for FakeConfig {
             pod_ready_delay: DEFAULT_POD_READY_DELAY,
             fail_image_prefixes: vec![DEFAULT_FAIL_IMAGE_PREFIX.into()],
             crash_image_prefixes: vec![DEFAULT_CRASH_IMAGE_PREFIX.into()],
+            oom_image_prefixes: vec![DEFAULT_OOM_IMAGE_PREFIX.into()],
+            admission_deny_image_prefixes: vec![DEFAULT_ADMISSION_DENY_IMAGE_PREFIX.into()],
+            pvc_bind_delay: DEFAULT_PVC_BIND_DELAY,
             denials: Vec::new(),
             bookmark_interval: Duration::from_secs(1),
             history_limit: 10_000,
@@ -280,14 +331,23 @@ impl FakeCluster {
             .collect()
     }
 
-    /// Creates an object as another client would (e.g. someone's `kubectl apply`).
+    /// Creates an object as another client would (someone's `kubectl create`, which is
+    /// also its field manager), through validation and admission.
     pub fn create_out_of_band(
         &self,
         kind: ResourceKind,
         namespace: &str,
         object: Value,
     ) -> Result<Value> {
-        let created = ops::create(&mut self.shared.lock(), kind, namespace, object, false)
+        let write = ops::Write {
+            writer: apply::Writer {
+                manager: "kubectl-create",
+                apply: false,
+                subresource: None,
+            },
+            dry_run: false,
+        };
+        let created = ops::create(&mut self.shared.lock(), kind, namespace, object, &write)
             .map_err(|e| Error::Api {
                 code: e.code.as_u16(),
                 message: e.message,
@@ -322,6 +382,39 @@ impl FakeCluster {
     /// Changes how long new pods take to start.
     pub fn set_pod_ready_delay(&self, delay: Duration) {
         self.shared.lock().settings.pod_ready_delay = delay;
+    }
+
+    /// Changes how long claims take to bind, counted from their creation; claims
+    /// already waiting are held to the new delay.
+    pub fn set_pvc_bind_delay(&self, delay: Duration) {
+        self.shared.lock().settings.pvc_bind_delay = delay;
+        self.shared.wake.notify_one();
+    }
+
+    /// Writes `contents` at the absolute `path` of the running pod's (first) container:
+    /// into the claim mounted there (kept with the claim), another volume mounted there
+    /// (kept with the pod), or else the container's own filesystem (gone with the pod).
+    pub fn write_file(
+        &self,
+        namespace: &str,
+        pod: &str,
+        path: &str,
+        contents: &[u8],
+    ) -> Result<()> {
+        files::write(&mut self.shared.lock(), namespace, pod, path, contents)
+    }
+
+    /// Reads what [`FakeCluster::write_file`] wrote where `path` resolves now; `None`
+    /// when no such file exists.
+    pub fn read_file(&self, namespace: &str, pod: &str, path: &str) -> Result<Option<Vec<u8>>> {
+        files::read(&self.shared.lock(), namespace, pod, path)
+    }
+
+    /// Answers the next `count` non-watch requests `429 Too Many Requests` with
+    /// `Retry-After: 1`, as an overloaded API server's flow control does. Replaces any
+    /// count still pending.
+    pub fn throttle(&self, count: u32) {
+        self.shared.lock().throttle = count;
     }
 
     /// Answers 403 to matching requests from now on.
@@ -402,16 +495,20 @@ pub(crate) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await;
 }
 
-/// Runs the controllers after every write and schedules each pod's lifecycle steps.
+/// Runs the controllers after every write and when they asked to be woken (a claim due
+/// to bind, a progress deadline), and schedules each pod's lifecycle steps.
 async fn controller_loop(shared: Arc<Shared>) {
     let mut shutdown = shared.shutdown.clone();
     loop {
-        let timers = controller::reconcile(&mut shared.lock());
-        for timer in timers {
+        let out = controller::reconcile(&mut shared.lock());
+        for timer in out.timers {
             tokio::spawn(pod_lifecycle(shared.clone(), timer));
         }
+        let due = out.wake_at;
         tokio::select! {
             _ = shared.wake.notified() => {}
+            // Modelled time passing in the cluster, not a wait for another event.
+            _ = tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)), if due.is_some() => {}
             _ = stopped(&mut shutdown) => return,
         }
     }

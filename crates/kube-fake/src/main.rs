@@ -35,6 +35,18 @@ struct Flags {
     /// Image prefixes that fail to pull (repeatable).
     #[arg(long = "fail-image-prefix", default_value = streamspace_kube_fake::DEFAULT_FAIL_IMAGE_PREFIX)]
     fail_image_prefixes: Vec<String>,
+    /// Image prefixes whose containers crash-loop (repeatable).
+    #[arg(long = "crash-image-prefix", default_value = streamspace_kube_fake::DEFAULT_CRASH_IMAGE_PREFIX)]
+    crash_image_prefixes: Vec<String>,
+    /// Image prefixes whose containers start, then are OOM-killed (repeatable).
+    #[arg(long = "oom-image-prefix", default_value = streamspace_kube_fake::DEFAULT_OOM_IMAGE_PREFIX)]
+    oom_image_prefixes: Vec<String>,
+    /// Image prefixes the pretend admission webhook refuses (repeatable).
+    #[arg(long = "admission-deny-image-prefix", default_value = streamspace_kube_fake::DEFAULT_ADMISSION_DENY_IMAGE_PREFIX)]
+    admission_deny_image_prefixes: Vec<String>,
+    /// Milliseconds from a claim's creation to its binding.
+    #[arg(long, default_value_t = streamspace_kube_fake::DEFAULT_PVC_BIND_DELAY.as_millis() as u64)]
+    pvc_bind_delay_ms: u64,
     /// Deny a request kind with 403, as `verb:resource` (repeatable), e.g. `delete:services`.
     #[arg(long = "deny", value_parser = parse_denial)]
     denials: Vec<Denial>,
@@ -57,6 +69,10 @@ async fn main() -> anyhow::Result<()> {
         token: flags.token,
         pod_ready_delay: Duration::from_millis(flags.pod_ready_delay_ms),
         fail_image_prefixes: flags.fail_image_prefixes,
+        crash_image_prefixes: flags.crash_image_prefixes,
+        oom_image_prefixes: flags.oom_image_prefixes,
+        admission_deny_image_prefixes: flags.admission_deny_image_prefixes,
+        pvc_bind_delay: Duration::from_millis(flags.pvc_bind_delay_ms),
         denials: flags.denials,
         ..FakeConfig::default()
     };

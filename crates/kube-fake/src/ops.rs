@@ -5,6 +5,9 @@ use axum::http::StatusCode;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use crate::admission;
+use crate::apply::{self, Writer};
+use crate::fields::FieldSet;
 use crate::patch::{self, PatchType};
 use crate::resource::ResourceKind;
 use crate::status::{self, ApiError};
@@ -13,6 +16,13 @@ use crate::validate;
 
 /// The finalizer foreground deletion parks an owner behind until its dependents are gone.
 pub(crate) const FOREGROUND_FINALIZER: &str = "foregroundDeletion";
+
+/// How a client write is made: by whom (for `managedFields`) and whether for real.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Write<'a> {
+    pub writer: Writer<'a>,
+    pub dry_run: bool,
+}
 
 /// The subresources served for the modelled kinds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -62,17 +72,31 @@ fn initial_status(kind: ResourceKind) -> Value {
         ResourceKind::Service => json!({"loadBalancer": {}}),
         ResourceKind::PersistentVolumeClaim => json!({"phase": "Pending"}),
         ResourceKind::Pod => json!({"phase": "Pending", "qosClass": "BestEffort"}),
+        ResourceKind::ResourceQuota => json!({}),
     }
 }
 
 /// Create: the object gets its namespace, uid, creation time, first generation, defaults
-/// and the status a fresh object has, whatever the client sent as status.
+/// and the status a fresh object has, whatever the client sent as status; then the
+/// admission chain decides.
 pub(crate) fn create(
     store: &mut Store,
     kind: ResourceKind,
     namespace: &str,
+    object: Value,
+    write: &Write<'_>,
+) -> Result<Value, ApiError> {
+    create_with(store, kind, namespace, object, write, None)
+}
+
+/// Create, with the applied configuration's field set when a server-side apply creates.
+fn create_with(
+    store: &mut Store,
+    kind: ResourceKind,
+    namespace: &str,
     mut object: Value,
-    dry_run: bool,
+    write: &Write<'_>,
+    applied: Option<FieldSet>,
 ) -> Result<Value, ApiError> {
     validate::check_type(kind, &object)?;
     if let Some(ns) = object
@@ -115,7 +139,9 @@ pub(crate) fn create(
     }
     validate::apply_defaults(kind, &mut object);
     stamp_new(store, kind, namespace, &mut object);
-    if dry_run {
+    admission::admit_create(store, kind, namespace, &mut object)?;
+    apply::record(None, &mut object, &write.writer, applied);
+    if write.dry_run {
         return Ok(object);
     }
     Ok(store.insert(kind, object))
@@ -179,15 +205,16 @@ fn check_rv(kind: ResourceKind, name: &str, new: &Value, old: &Value) -> Result<
 
 /// The one update path of every verb: precondition on `resourceVersion`, server-owned
 /// metadata kept, status or spec kept depending on the endpoint, validation, defaults,
-/// generation bumped when the spec changed.
+/// generation bumped when the spec changed, `managedFields` brought up to date.
 pub(crate) fn write_update(
     store: &mut Store,
     kind: ResourceKind,
     old: &Value,
     mut new: Value,
-    status_only: bool,
-    dry_run: bool,
+    write: &Write<'_>,
+    applied: Option<FieldSet>,
 ) -> Result<Value, ApiError> {
+    let status_only = write.writer.subresource == Some("status");
     let name = name_of(old).to_owned();
     validate::check_type(kind, &new)?;
     if name_of(&new) != name {
@@ -229,9 +256,6 @@ pub(crate) fn write_update(
             }
         }
     }
-    if let Some(m) = new["metadata"].as_object_mut() {
-        m.remove("managedFields");
-    }
     if kind == ResourceKind::Deployment && new.get("spec") != old.get("spec") {
         let generation = old
             .pointer("/metadata/generation")
@@ -240,7 +264,9 @@ pub(crate) fn write_update(
         new["metadata"]["generation"] = json!(generation + 1);
     }
     new["metadata"]["resourceVersion"] = old["metadata"]["resourceVersion"].clone();
-    if dry_run {
+    // Client-sent managedFields are ignored; the server keeps its own.
+    apply::record(Some(old), &mut new, &write.writer, applied);
+    if write.dry_run {
         return Ok(new);
     }
     Ok(store.update(kind, new))
@@ -288,7 +314,7 @@ fn write_scale(
     store: &mut Store,
     key: &Key,
     scale: &Value,
-    dry_run: bool,
+    write: &Write<'_>,
 ) -> Result<Value, ApiError> {
     let old = get(store, key)?.clone();
     check_rv(key.0, &key.2, scale, &old)?;
@@ -310,7 +336,7 @@ fn write_scale(
     }
     let mut new = old.clone();
     new["spec"]["replicas"] = replicas;
-    let updated = write_update(store, key.0, &old, new, false, dry_run)?;
+    let updated = write_update(store, key.0, &old, new, write, None)?;
     Ok(scale_of(&updated))
 }
 
@@ -319,20 +345,13 @@ pub(crate) fn replace(
     key: &Key,
     sub: Option<Subresource>,
     body: Value,
-    dry_run: bool,
+    write: &Write<'_>,
 ) -> Result<Value, ApiError> {
     if sub == Some(Subresource::Scale) {
-        return write_scale(store, key, &body, dry_run);
+        return write_scale(store, key, &body, write);
     }
     let old = get(store, key)?.clone();
-    write_update(
-        store,
-        key.0,
-        &old,
-        body,
-        sub == Some(Subresource::Status),
-        dry_run,
-    )
+    write_update(store, key.0, &old, body, write, None)
 }
 
 /// Patch; `Ok((201, …))` when a server-side apply created the object.
@@ -342,35 +361,65 @@ pub(crate) fn patch(
     sub: Option<Subresource>,
     ty: PatchType,
     body: &[u8],
-    dry_run: bool,
+    write: &Write<'_>,
 ) -> Result<(StatusCode, Value), ApiError> {
-    let Some(old) = store.get(key).cloned() else {
-        if ty == PatchType::Apply && sub.is_none() {
-            let mut object = patch::apply(ty, &json!({}), body)?;
-            object["metadata"]["name"] = json!(key.2);
-            return create(store, key.0, &key.1, object, dry_run).map(|o| (StatusCode::CREATED, o));
-        }
-        return Err(ApiError::not_found(key.0, &key.2));
-    };
+    if ty == PatchType::Apply && sub.is_none() {
+        return server_side_apply(store, key, body, write);
+    }
+    let old = get(store, key)?.clone();
     if sub == Some(Subresource::Scale) {
         let scale = patch::apply(ty, &scale_of(&old), body)?;
-        return write_scale(store, key, &scale, dry_run).map(|s| (StatusCode::OK, s));
+        return write_scale(store, key, &scale, write).map(|s| (StatusCode::OK, s));
     }
     let mut new = patch::apply(ty, &old, body)?;
-    // A patch that does not mention resourceVersion applies to whatever is stored; one
-    // that does is a precondition, checked by the update path.
-    if rv_of(&new) == rv_of(&old) || new.pointer("/metadata/resourceVersion").is_none() {
+    keep_version_unless_given(&mut new, &old);
+    write_update(store, key.0, &old, new, write, None).map(|o| (StatusCode::OK, o))
+}
+
+/// A patch that does not mention `resourceVersion` applies to whatever is stored; one
+/// that does is a precondition, checked by the update path.
+fn keep_version_unless_given(new: &mut Value, old: &Value) {
+    if rv_of(new) == rv_of(old) || new.pointer("/metadata/resourceVersion").is_none() {
         new["metadata"]["resourceVersion"] = old["metadata"]["resourceVersion"].clone();
     }
-    write_update(
-        store,
-        key.0,
-        &old,
-        new,
-        sub == Some(Subresource::Status),
-        dry_run,
-    )
-    .map(|o| (StatusCode::OK, o))
+}
+
+/// Server-side apply: creates the object when absent (201), otherwise drops what the
+/// manager no longer applies and merges the rest (see [`apply`]).
+fn server_side_apply(
+    store: &mut Store,
+    key: &Key,
+    body: &[u8],
+    write: &Write<'_>,
+) -> Result<(StatusCode, Value), ApiError> {
+    let config: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("error decoding patch: {e}")))?;
+    if !config.is_object() {
+        return Err(ApiError::bad_request("patch must be a JSON object"));
+    }
+    validate::check_type(key.0, &config)?;
+    if let Some(name) = config.pointer("/metadata/name").and_then(Value::as_str)
+        && name != key.2
+    {
+        return Err(ApiError::bad_request(format!(
+            "the name of the object ({name}) does not match the name on the URL ({})",
+            key.2
+        )));
+    }
+    let manager = write.writer.manager;
+    match store.get(key).cloned() {
+        None => {
+            let (mut object, applied) = apply::apply(&json!({}), &config, manager);
+            object["metadata"]["name"] = json!(key.2);
+            create_with(store, key.0, &key.1, object, write, Some(applied))
+                .map(|o| (StatusCode::CREATED, o))
+        }
+        Some(old) => {
+            let (mut new, applied) = apply::apply(&old, &config, manager);
+            keep_version_unless_given(&mut new, &old);
+            write_update(store, key.0, &old, new, write, Some(applied)).map(|o| (StatusCode::OK, o))
+        }
+    }
 }
 
 /// `DeleteOptions`, from the body kube-rs sends and/or the query string.

@@ -1,4 +1,5 @@
-//! The four patch types kube-rs sends, applied to the stored JSON.
+//! The patch types kube-rs sends, applied to the stored JSON. Server-side apply on a
+//! main resource is `crate::apply`'s; here it only reaches `/scale`, as a merge.
 
 use serde_json::{Map, Value};
 
@@ -12,8 +13,8 @@ pub(crate) enum PatchType {
     Merge,
     /// Kubernetes strategic merge (`application/strategic-merge-patch+json`).
     StrategicMerge,
-    /// Server-side apply (`application/apply-patch+yaml`), approximated as a strategic
-    /// merge that may create the object; no field ownership is tracked.
+    /// Server-side apply (`application/apply-patch+yaml`; the body must be JSON, which is
+    /// what kube-rs sends).
     Apply,
 }
 

@@ -2,22 +2,24 @@
 
 use std::fmt;
 
-/// One of the four resource types the stand-in models. Anything else answers 404, as a
-/// real API server does for a resource it does not know.
+/// One of the resource types the stand-in models. Anything else answers 404, as a real
+/// API server does for a resource it does not know.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ResourceKind {
     Deployment,
     Service,
     PersistentVolumeClaim,
     Pod,
+    ResourceQuota,
 }
 
 impl ResourceKind {
-    pub const ALL: [ResourceKind; 4] = [
+    pub const ALL: [ResourceKind; 5] = [
         ResourceKind::Deployment,
         ResourceKind::Service,
         ResourceKind::PersistentVolumeClaim,
         ResourceKind::Pod,
+        ResourceKind::ResourceQuota,
     ];
 
     /// The API group: `apps` or the empty core group.
@@ -43,6 +45,7 @@ impl ResourceKind {
             ResourceKind::Service => "services",
             ResourceKind::PersistentVolumeClaim => "persistentvolumeclaims",
             ResourceKind::Pod => "pods",
+            ResourceKind::ResourceQuota => "resourcequotas",
         }
     }
 
@@ -53,6 +56,7 @@ impl ResourceKind {
             ResourceKind::Service => "Service",
             ResourceKind::PersistentVolumeClaim => "PersistentVolumeClaim",
             ResourceKind::Pod => "Pod",
+            ResourceKind::ResourceQuota => "ResourceQuota",
         }
     }
 

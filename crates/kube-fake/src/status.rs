@@ -187,6 +187,39 @@ impl ApiError {
         }
     }
 
+    /// An admission plugin (ResourceQuota) refused the object.
+    pub fn admission_forbidden(kind: ResourceKind, name: &str, why: &str) -> Self {
+        Self {
+            code: StatusCode::FORBIDDEN,
+            reason: "Forbidden",
+            message: format!("{} {name:?} is forbidden: {why}", kind.qualified_plural()),
+            details: Some(details(kind, name)),
+        }
+    }
+
+    /// A validating admission webhook refused the object. A webhook that sets no code is
+    /// answered 400 with no reason, which is what the API server makes of it.
+    pub fn webhook_denied(webhook: &str, why: &str) -> Self {
+        Self {
+            code: StatusCode::BAD_REQUEST,
+            reason: "",
+            message: format!("admission webhook {webhook:?} denied the request: {why}"),
+            details: None,
+        }
+    }
+
+    /// Load shedding: the client should retry after a second (`Retry-After: 1`).
+    pub fn too_many_requests() -> Self {
+        Self {
+            code: StatusCode::TOO_MANY_REQUESTS,
+            reason: "TooManyRequests",
+            message:
+                "the server has received too many requests and has asked us to try again later"
+                    .into(),
+            details: Some(json!({ "retryAfterSeconds": 1 })),
+        }
+    }
+
     pub fn unauthorized() -> Self {
         Self {
             code: StatusCode::UNAUTHORIZED,
@@ -240,13 +273,21 @@ impl ApiError {
         if let Some(details) = &self.details {
             status["details"] = details.clone();
         }
+        // An empty reason is left out, as the API server's `omitempty` does.
+        if self.reason.is_empty()
+            && let Some(map) = status.as_object_mut()
+        {
+            map.remove("reason");
+        }
         status
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.code, axum::Json(self.to_status())).into_response()
+        let retry = (self.code == StatusCode::TOO_MANY_REQUESTS)
+            .then_some([(axum::http::header::RETRY_AFTER, "1")]);
+        (self.code, retry, axum::Json(self.to_status())).into_response()
     }
 }
 

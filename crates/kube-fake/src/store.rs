@@ -1,12 +1,14 @@
 //! The object store: every object by `(resource, namespace, name)`, one global
 //! `resourceVersion` counter, and the event history that watches replay and follow.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 
 use serde_json::{Value, json};
 use tokio::sync::broadcast;
+use tokio::time::Instant;
 
+use crate::files::FileStore;
 use crate::resource::ResourceKind;
 use crate::{AuditEntry, FakeConfig as Settings};
 
@@ -55,6 +57,16 @@ pub(crate) struct Store {
     events: broadcast::Sender<Arc<Event>>,
     pub audit: Vec<AuditEntry>,
     pub settings: Settings,
+    /// How many more non-watch requests are answered 429.
+    pub throttle: u32,
+    /// Contents of volumes and container filesystems (test hooks).
+    pub files: FileStore,
+    /// When each pending claim was first seen, by uid: it binds `pvc_bind_delay` later.
+    pub claims_seen: HashMap<String, Instant>,
+    /// When each Deployment (by uid) last made rollout progress, for its progress
+    /// deadline; kept here rather than read from `lastUpdateTime`, which has only
+    /// second precision.
+    pub progress_marks: HashMap<String, Instant>,
     next_pod_ip: u32,
     next_cluster_ip: u32,
 }
@@ -111,6 +123,10 @@ impl Store {
             events,
             audit: Vec::new(),
             settings,
+            throttle: 0,
+            files: FileStore::default(),
+            claims_seen: HashMap::new(),
+            progress_marks: HashMap::new(),
             next_pod_ip: 10,
             next_cluster_ip: 10,
         }

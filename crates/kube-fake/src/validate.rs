@@ -125,6 +125,9 @@ fn check_quantities(kind: ResourceKind, object: &Value) -> Result<(), ApiError> 
     if kind == ResourceKind::PersistentVolumeClaim {
         maps.extend(object.pointer("/spec/resources/requests"));
     }
+    if kind == ResourceKind::ResourceQuota {
+        maps.extend(object.pointer("/spec/hard"));
+    }
     for map in maps.into_iter().filter_map(Value::as_object) {
         for q in map.values() {
             let ok = match q {
@@ -241,8 +244,31 @@ pub(crate) fn validate(kind: ResourceKind, object: &Value, old: Option<&Value>) 
         ResourceKind::Service => validate_service(object, old, &mut causes),
         ResourceKind::PersistentVolumeClaim => validate_pvc(object, old, &mut causes),
         ResourceKind::Pod => check_containers("spec", object.get("spec"), &mut causes),
+        ResourceKind::ResourceQuota => validate_quota(object, &mut causes),
     }
     causes
+}
+
+fn validate_quota(object: &Value, causes: &mut Vec<Cause>) {
+    for (name, value) in object
+        .pointer("/spec/hard")
+        .and_then(Value::as_object)
+        .into_iter()
+        .flatten()
+    {
+        let negative = match value {
+            Value::String(s) => s.trim_start().starts_with('-'),
+            Value::Number(n) => n.as_f64().is_some_and(|n| n < 0.0),
+            _ => false,
+        };
+        if negative {
+            causes.push(Cause::invalid(
+                format!("spec.hard[{name}]"),
+                value,
+                "must be greater than or equal to 0",
+            ));
+        }
+    }
 }
 
 fn validate_deployment(object: &Value, old: Option<&Value>, causes: &mut Vec<Cause>) {
@@ -458,6 +484,7 @@ pub(crate) fn apply_defaults(kind: ResourceKind, object: &mut Value) {
                 set_default(map, "storageClassName", json!("standard"));
             }
         }
+        ResourceKind::ResourceQuota => {}
     }
 }
 

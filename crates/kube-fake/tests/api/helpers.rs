@@ -74,6 +74,16 @@ impl TestCluster {
         let value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
         (code, value)
     }
+
+    /// Like [`TestCluster::raw`], with the body as bytes.
+    pub async fn raw_bytes(&self, request: http::Request<Vec<u8>>) -> (u16, Vec<u8>) {
+        let (parts, body) = request.into_parts();
+        let request = http::Request::from_parts(parts, kube::client::Body::from(body));
+        let response = self.client.send(request).await.expect("send");
+        let code = response.status().as_u16();
+        let bytes = response.into_body().collect_bytes().await.expect("body");
+        (code, bytes.to_vec())
+    }
 }
 
 /// A session-shaped Deployment.

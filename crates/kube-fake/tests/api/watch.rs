@@ -249,3 +249,70 @@ async fn streaming_list_sends_initial_events_then_the_end_bookmark() {
     }
     assert_eq!(seen, ["s1"]);
 }
+
+#[tokio::test]
+async fn a_label_selected_service_watch_sees_an_out_of_band_delete() {
+    use k8s_openapi::api::core::v1::Service;
+    use streamspace_kube_fake::{Propagation, ResourceKind};
+
+    let t = start().await;
+    let deployments = t.api::<Deployment>();
+    let owner = deployments
+        .create(&PostParams::default(), &deployment("sv1", "img", 0))
+        .await
+        .unwrap();
+    let services = t.api::<Service>();
+    for name in ["sv1", "other"] {
+        let mut svc = crate::helpers::service(name, &owner);
+        svc.metadata.owner_references = None;
+        services.create(&PostParams::default(), &svc).await.unwrap();
+    }
+    let mut events = watcher(
+        services.clone(),
+        watcher::Config::default().labels("app=streamspace-session,session=sv1"),
+    )
+    .boxed();
+    let mut listed = Vec::new();
+    loop {
+        match tokio::time::timeout(DEADLINE, events.try_next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()
+        {
+            watcher::Event::InitApply(s) => listed.push(s.metadata.name.unwrap()),
+            watcher::Event::InitDone => break,
+            _ => {}
+        }
+    }
+    assert_eq!(listed, ["sv1"], "the selector leaves the other Service out");
+
+    assert!(t.fake.delete_out_of_band(
+        ResourceKind::Service,
+        crate::helpers::NS,
+        "other",
+        Propagation::Background
+    ));
+    assert!(t.fake.delete_out_of_band(
+        ResourceKind::Service,
+        crate::helpers::NS,
+        "sv1",
+        Propagation::Background
+    ));
+    let deleted = loop {
+        match tokio::time::timeout(DEADLINE, events.try_next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()
+        {
+            watcher::Event::Delete(s) => break s.metadata.name.unwrap(),
+            watcher::Event::Apply(s) => panic!("unexpected change {s:?}"),
+            _ => {}
+        }
+    };
+    assert_eq!(
+        deleted, "sv1",
+        "only the selected Service's deletion is seen"
+    );
+}
