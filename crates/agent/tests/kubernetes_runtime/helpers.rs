@@ -74,11 +74,46 @@ fn test_templates() -> std::collections::BTreeMap<String, KubeTemplate> {
         security: SecurityProfile::Baseline,
         ..web.clone()
     };
+    // The stand-in's failure modes, chosen by image prefix (see `FakeConfig`).
+    let failing = |image: &str| KubeTemplate {
+        ready_timeout_ms: DEADLINE.as_millis() as u64,
+        ..KubeTemplate::new(image)
+    };
+    let shaped = KubeTemplate {
+        shm_size: "2Gi".into(),
+        image_pull_secrets: vec!["registry-credentials".into()],
+        node_selector: [("streamspace.io/pool".to_owned(), "sessions".to_owned())].into(),
+        tolerations: vec![
+            serde_json::from_value(json!({
+                "key": "streamspace.io/pool", "operator": "Equal",
+                "value": "sessions", "effect": "NoSchedule",
+            }))
+            .unwrap(),
+        ],
+        priority_class: Some("streamspace-sessions".into()),
+        home_size: Some("3Gi".into()),
+        home_access_mode: "ReadWriteOncePod".into(),
+        ..web.clone()
+    };
+    let no_home = KubeTemplate {
+        home_volume: false,
+        shm_size: String::new(),
+        safe_to_evict: true,
+        ..web.clone()
+    };
     [
         ("web".to_owned(), web),
         ("broken".to_owned(), broken),
         ("private".to_owned(), private),
         ("root-init".to_owned(), root_init),
+        (
+            "crashing".to_owned(),
+            failing("crash/streamspace-session:0"),
+        ),
+        ("oom".to_owned(), failing("oom/streamspace-session:0")),
+        ("denied".to_owned(), failing("denied/streamspace-session:0")),
+        ("shaped".to_owned(), shaped),
+        ("no-home".to_owned(), no_home),
     ]
     .into()
 }
@@ -96,6 +131,14 @@ pub async fn env() -> Env {
 }
 
 pub async fn env_with(fake_config: FakeConfig) -> Env {
+    env_configured(fake_config, |_| {}).await
+}
+
+/// An environment whose runtime configuration `tweak` adjusts first.
+pub async fn env_configured(
+    fake_config: FakeConfig,
+    tweak: impl FnOnce(&mut KubernetesConfig),
+) -> Env {
     let dir = tempfile::tempdir().expect("temp dir");
     let (fake, kubeconfig, namespace) = match std::env::var_os(REAL_CLUSTER_VAR) {
         Some(path) => {
@@ -125,13 +168,14 @@ pub async fn env_with(fake_config: FakeConfig) -> Env {
             (Some(fake), path, STAND_IN_NAMESPACE.to_owned())
         }
     };
-    let config = KubernetesConfig {
+    let mut config = KubernetesConfig {
         kubeconfig: Some(kubeconfig.clone()),
         namespace: Some(namespace.clone()),
         templates: test_templates(),
         operation_timeout_ms: DEADLINE.as_millis() as u64,
         ..KubernetesConfig::default()
     };
+    tweak(&mut config);
     let runtime = KubernetesRuntime::connect(&config)
         .await
         .expect("connect the runtime");
@@ -166,6 +210,16 @@ impl Env {
     /// A second runtime over the same cluster and namespace, like a restarted agent.
     pub async fn another_runtime(&self) -> KubernetesRuntime {
         KubernetesRuntime::connect(&self.config).await.unwrap()
+    }
+
+    /// A runtime like a restarted agent whose configuration `tweak` changed.
+    pub async fn reconfigured_runtime(
+        &self,
+        tweak: impl FnOnce(&mut KubernetesConfig),
+    ) -> KubernetesRuntime {
+        let mut config = self.config.clone();
+        tweak(&mut config);
+        KubernetesRuntime::connect(&config).await.unwrap()
     }
 
     /// Removes the test namespace on a real cluster (a failed test leaves it behind:

@@ -6,6 +6,7 @@
 
 mod helpers;
 mod rbac;
+mod realism;
 
 use std::collections::BTreeMap;
 
@@ -83,9 +84,9 @@ async fn start_twice_creates_once_with_labels_owner_and_resources() {
     let quantity =
         |m: &Option<BTreeMap<String, k8s_openapi::apimachinery::pkg::api::resource::Quantity>>,
          k: &str| { m.as_ref().unwrap()[k].0.clone() };
-    assert_eq!(quantity(&resources.requests, "memory"), "512Mi");
-    assert_eq!(quantity(&resources.requests, "cpu"), "250m");
-    assert_eq!(quantity(&resources.limits, "memory"), "512Mi");
+    assert_eq!(quantity(&resources.requests, "memory"), "2Gi");
+    assert_eq!(quantity(&resources.requests, "cpu"), "1");
+    assert_eq!(quantity(&resources.limits, "memory"), "2Gi");
 
     let svc = env.api::<Service>().get("s-start").await.unwrap();
     let owner = &svc.metadata.owner_references.as_ref().unwrap()[0];
@@ -186,23 +187,26 @@ async fn a_command_may_override_the_template_resources() {
     let container = &d.spec.unwrap().template.spec.unwrap().containers[0];
     let requests = container.resources.clone().unwrap().requests.unwrap();
     assert_eq!(requests["memory"].0, "1Gi");
-    assert_eq!(requests["cpu"].0, "250m");
+    assert_eq!(requests["cpu"].0, "1");
     env.finish().await;
 }
 
 #[tokio::test]
-async fn stop_twice_removes_the_workload_and_keeps_the_home_unless_asked() {
+async fn stop_twice_removes_the_workload_and_its_home() {
     let env = env().await;
     let rt = &env.runtime;
-    let mut spec = start("web");
-    spec.home_volume = true;
-    rt.start("s-stop", &spec).await.unwrap();
+    // Templates give every session a home volume by default.
+    rt.start("s-stop", &start("web")).await.unwrap();
     let claims = env.api::<PersistentVolumeClaim>();
     assert!(claims.get_opt("s-stop-home").await.unwrap().is_some());
     let d = env.api::<Deployment>().get("s-stop").await.unwrap();
-    let mount = &d.spec.unwrap().template.spec.unwrap().volumes.unwrap()[0];
+    let volumes = d.spec.unwrap().template.spec.unwrap().volumes.unwrap();
+    let home = volumes
+        .iter()
+        .find(|v| v.name == "home")
+        .expect("a home volume");
     assert_eq!(
-        mount.persistent_volume_claim.as_ref().unwrap().claim_name,
+        home.persistent_volume_claim.as_ref().unwrap().claim_name,
         "s-stop-home"
     );
 
@@ -228,19 +232,8 @@ async fn stop_twice_removes_the_workload_and_keeps_the_home_unless_asked() {
             "foreground deletion took the pods first"
         );
         assert!(
-            claims.get_opt("s-stop-home").await.unwrap().is_some(),
-            "home kept"
-        );
-    }
-    for _ in 0..2 {
-        let obs = rt
-            .stop("s-stop", &StopSession { delete_home: true })
-            .await
-            .unwrap();
-        assert_eq!(obs.state, SessionState::Stopped);
-        assert!(
             claims.get_opt("s-stop-home").await.unwrap().is_none(),
-            "home deleted when asked"
+            "no retention configured: the home goes with the session"
         );
     }
     let never = rt
@@ -368,7 +361,7 @@ async fn its_own_leftovers_are_adopted_and_foreign_objects_refused() {
 }
 
 #[tokio::test]
-async fn a_pod_that_never_becomes_ready_fails_the_start_with_its_own_reason() {
+async fn an_image_that_cannot_be_pulled_fails_the_start_retryably_and_releases_it() {
     let env = env().await;
     let err = env
         .runtime
@@ -381,13 +374,28 @@ async fn a_pod_that_never_becomes_ready_fails_the_start_with_its_own_reason() {
     );
     assert!(err.message.contains("s-broken"), "{err:?}");
     assert!(
-        !err.retryable,
-        "an image that cannot be pulled will not be pulled by retrying"
+        err.retryable,
+        "registries throttle and blip: a failed pull is worth another attempt"
+    );
+    // It stops pulling: no replica is left, and the Deployment says why.
+    let d = env.api::<Deployment>().get("s-broken").await.unwrap();
+    assert_eq!(d.spec.as_ref().unwrap().replicas, Some(0));
+    let why = &d.metadata.annotations.as_ref().unwrap()["streamspace.io/failed"];
+    assert!(
+        why.contains("ImagePull") || why.contains("ErrImagePull"),
+        "{why}"
     );
     // The inventory tells the same story.
     let listed = env.runtime.list().await.unwrap();
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].state, SessionState::Failed, "{listed:?}");
+    assert!(
+        listed[0]
+            .message
+            .as_deref()
+            .is_some_and(|m| m.contains("ImagePull")),
+        "{listed:?}"
+    );
     env.finish().await;
 }
 

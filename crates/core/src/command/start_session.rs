@@ -14,7 +14,8 @@ pub struct StartSession {
     /// Overrides of the template's resources.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<Resources>,
-    /// Whether to create a persistent home volume (`{session}-home`).
+    /// Ask for a persistent home volume (`{session}-home`) even when the template does
+    /// not give its sessions one (Kubernetes templates do by default).
     #[serde(default)]
     pub home_volume: bool,
     /// Extra environment for the session workload.

@@ -4,7 +4,8 @@ use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StopSession {
-    /// Also delete the session's home volume; kept by default.
+    /// Delete the session's home volume at once, whatever the agent's retention
+    /// (`kubernetes.home_retention_secs`; with none, a stop deletes it anyway).
     #[serde(default)]
     pub delete_home: bool,
 }

@@ -4,10 +4,11 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::PathBuf;
 
+use k8s_openapi::api::core::v1::Toleration;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use serde::{Deserialize, Serialize};
 
-use super::is_dns_label;
+use super::{is_dns_label, is_dns_subdomain};
 use crate::error::Error;
 
 /// The `app` label value that marks an object as a StreamSpace session's.
@@ -16,9 +17,18 @@ pub const APP_LABEL: &str = "streamspace-session";
 pub const SESSION_SELECTOR: &str = "app=streamspace-session";
 /// Port a template's container serves on, unless the template says otherwise.
 pub const DEFAULT_PORT: u16 = 3000;
-/// Resources of a template that names none (the original system's session size).
-pub const DEFAULT_MEMORY: &str = "512Mi";
-pub const DEFAULT_CPU: &str = "250m";
+/// Resources of a template that names none: what one browser tab-heavy session needs
+/// (the original system's 512Mi/250m got browsers OOM-killed on ordinary pages).
+pub const DEFAULT_MEMORY: &str = "2Gi";
+pub const DEFAULT_CPU: &str = "1";
+/// Size of the memory-backed `/dev/shm` of a template that names none. Chromium and
+/// Firefox keep rendering buffers there; the container runtime's 64 MiB default makes
+/// tabs crash. It counts against the memory limit.
+pub const DEFAULT_SHM_SIZE: &str = "1Gi";
+/// Access mode of a home volume: one node mounts it (a session has one pod).
+pub const DEFAULT_HOME_ACCESS_MODE: &str = "ReadWriteOnce";
+/// The access modes a home volume may ask for.
+pub const HOME_ACCESS_MODES: [&str; 3] = ["ReadWriteOnce", "ReadWriteOncePod", "ReadWriteMany"];
 /// How long a session's pod may take to become ready (image pulls are slow).
 pub const DEFAULT_READY_TIMEOUT_MS: u64 = 300_000;
 /// How long a stop or hibernate may take until the cluster shows it done.
@@ -34,7 +44,7 @@ pub const DEFAULT_TEMPLATES: [(&str, &str); 3] = [
 ];
 
 /// How to run one kind of session on Kubernetes.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct KubeTemplate {
     pub image: String,
@@ -52,9 +62,43 @@ pub struct KubeTemplate {
     /// How long the pod may take to become ready after start or wake.
     #[serde(default = "default_ready_timeout_ms")]
     pub ready_timeout_ms: u64,
-    /// Where the home volume is mounted, when the command asks for one.
+    /// Where the home volume is mounted.
     #[serde(default = "default_home_mount_path")]
     pub home_mount_path: String,
+    /// Whether each session gets a home volume (a PersistentVolumeClaim `{id}-home`) that
+    /// survives hibernation; without one, hibernating loses the container's files. A
+    /// command may ask for one even when this is off.
+    #[serde(default = "default_true")]
+    pub home_volume: bool,
+    /// Size of the home volume; unset means `kubernetes.home_volume_size`.
+    #[serde(default)]
+    pub home_size: Option<String>,
+    /// Storage class of the home volume; unset means `kubernetes.home_storage_class`.
+    #[serde(default)]
+    pub home_storage_class: Option<String>,
+    /// `ReadWriteOnce` (default), `ReadWriteOncePod` or `ReadWriteMany`.
+    #[serde(default = "default_home_access_mode")]
+    pub home_access_mode: String,
+    /// Size of the memory-backed `/dev/shm`; empty means none (the runtime's 64 MiB).
+    #[serde(default = "default_shm_size")]
+    pub shm_size: String,
+    /// Secrets (in the sessions' namespace) to pull the image with.
+    #[serde(default)]
+    pub image_pull_secrets: Vec<String>,
+    /// Node labels a session's pod must match (e.g. a pool of session nodes).
+    #[serde(default)]
+    pub node_selector: BTreeMap<String, String>,
+    /// Taints a session's pod tolerates, as Kubernetes spells them
+    /// (`{ key = "dedicated", operator = "Equal", value = "sessions", effect = "NoSchedule" }`).
+    #[serde(default)]
+    pub tolerations: Vec<Toleration>,
+    /// PriorityClass of a session's pod, so sessions outrank (or yield to) batch work.
+    #[serde(default)]
+    pub priority_class: Option<String>,
+    /// Whether the cluster autoscaler may evict a live session to scale a node down.
+    /// Off by default: an eviction ends the user's session.
+    #[serde(default)]
+    pub safe_to_evict: bool,
     /// How the session's container is confined (default `restricted`).
     #[serde(default)]
     pub security: SecurityProfile,
@@ -103,6 +147,16 @@ pub const BASELINE_CAPABILITIES: [&str; 6] = [
 /// The uid a `restricted` session runs as unless its template says otherwise.
 pub const DEFAULT_RUN_AS_USER: i64 = 1000;
 
+fn default_true() -> bool {
+    true
+}
+fn default_home_access_mode() -> String {
+    DEFAULT_HOME_ACCESS_MODE.into()
+}
+fn default_shm_size() -> String {
+    DEFAULT_SHM_SIZE.into()
+}
+
 fn default_run_as_user() -> i64 {
     DEFAULT_RUN_AS_USER
 }
@@ -140,6 +194,16 @@ impl KubeTemplate {
             cpu: DEFAULT_CPU.into(),
             ready_timeout_ms: DEFAULT_READY_TIMEOUT_MS,
             home_mount_path: DEFAULT_HOME_MOUNT_PATH.into(),
+            home_volume: true,
+            home_size: None,
+            home_storage_class: None,
+            home_access_mode: DEFAULT_HOME_ACCESS_MODE.into(),
+            shm_size: DEFAULT_SHM_SIZE.into(),
+            image_pull_secrets: Vec::new(),
+            node_selector: BTreeMap::new(),
+            tolerations: Vec::new(),
+            priority_class: None,
+            safe_to_evict: false,
             security: SecurityProfile::Restricted,
             run_as_user: DEFAULT_RUN_AS_USER,
             password_env: None,
@@ -182,6 +246,21 @@ impl KubeTemplate {
                 "run_as_user must be a non-root uid (above 0) under security = \"restricted\"",
             );
         }
+        if !HOME_ACCESS_MODES.contains(&self.home_access_mode.as_str()) {
+            return bad(&format!(
+                "home_access_mode must be one of {}",
+                HOME_ACCESS_MODES.join(", ")
+            ));
+        }
+        if let Some(bad_name) = self
+            .image_pull_secrets
+            .iter()
+            .find(|name| !is_dns_subdomain(name))
+        {
+            return bad(&format!(
+                "image_pull_secrets entry {bad_name:?} is not a valid Secret name"
+            ));
+        }
         if !matches!(self.url_scheme.as_str(), "http" | "https") {
             return bad("url_scheme must be http or https");
         }
@@ -216,6 +295,10 @@ pub struct KubernetesConfig {
     pub home_storage_class: Option<String>,
     /// Cluster DNS domain, for session URLs (`http://{id}.{ns}.svc.{domain}:{port}`).
     pub cluster_domain: String,
+    /// How long a stopped session's home volume is kept before it is deleted; 0 (the
+    /// default) deletes it with the session. Kept volumes carry the time they may go in
+    /// the annotation `streamspace.io/delete-after`; the agent deletes them after it.
+    pub home_retention_secs: u64,
 }
 
 impl Default for KubernetesConfig {
@@ -229,6 +312,7 @@ impl Default for KubernetesConfig {
             home_volume_size: DEFAULT_HOME_VOLUME_SIZE.into(),
             home_storage_class: None,
             cluster_domain: DEFAULT_CLUSTER_DOMAIN.into(),
+            home_retention_secs: 0,
         }
     }
 }

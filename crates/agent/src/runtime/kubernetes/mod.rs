@@ -33,7 +33,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{
-    Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions, PropagationPolicy,
+    Api, DeleteParams, ListParams, Patch, PatchParams, Preconditions, PropagationPolicy,
 };
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -50,7 +50,17 @@ use super::{Observation, RuntimeError, SessionRuntime, SessionState, async_trait
 use crate::error::Error;
 
 mod config;
+mod home;
 mod objects;
+mod observe;
+mod operations;
+mod repair;
+mod waits;
+mod writes;
+
+use observe::*;
+use operations::*;
+use writes::*;
 
 pub use config::*;
 
@@ -60,9 +70,8 @@ const FIELD_MANAGER: &str = "streamspace-agent";
 const EVENT_BUFFER: usize = 256;
 /// Attempts for a write that races with another writer (409 on create or update).
 const WRITE_ATTEMPTS: usize = 5;
-/// Container waiting reasons that will not cure themselves: a start that ends on one of
-/// them is not worth retrying until someone fixes the template or the image.
-const HOPELESS_REASONS: [&str; 6] = [
+/// Container waiting reasons that say the pod is failing (reported as `failed`).
+const TROUBLE_REASONS: [&str; 6] = [
     "ErrImagePull",
     "ImagePullBackOff",
     "InvalidImageName",
@@ -70,6 +79,23 @@ const HOPELESS_REASONS: [&str; 6] = [
     "CreateContainerConfigError",
     "CrashLoopBackOff",
 ];
+/// Of those, the ones that will not cure themselves: a start that meets one fails at
+/// once and is not retried until someone fixes the template or the image. A failed
+/// pull is not among them: registries throttle and blip, so a start keeps trying it
+/// until its ready timeout and then fails retryably.
+const PERMANENT_REASONS: [&str; 4] = [
+    "InvalidImageName",
+    "ErrImageNeverPull",
+    "CreateContainerConfigError",
+    "CrashLoopBackOff",
+];
+/// On a Deployment: the JSON of the `StartSession` it was made from, so a wake can
+/// re-apply it from the current template.
+const ANNOTATION_START_SPEC: &str = "streamspace.io/start-spec";
+/// On a Deployment a failed start scaled to zero: why it failed.
+const ANNOTATION_FAILED: &str = "streamspace.io/failed";
+/// On a retained home volume: when (RFC 3339) the agent may delete it.
+const ANNOTATION_DELETE_AFTER: &str = "streamspace.io/delete-after";
 
 /// RFC 1123 label: what a namespace, and (starting with a letter) a Service name, must be.
 fn is_dns_label(s: &str) -> bool {
@@ -78,6 +104,19 @@ fn is_dns_label(s: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && s.starts_with(|c: char| c.is_ascii_lowercase())
         && !s.ends_with('-')
+}
+
+/// RFC 1123 subdomain: what most object names (a Secret's, for one) must be.
+fn is_dns_subdomain(s: &str) -> bool {
+    (1..=253).contains(&s.len())
+        && s.split('.').all(|part| {
+            !part.is_empty()
+                && part
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && part.starts_with(|c: char| c.is_ascii_alphanumeric())
+                && !part.ends_with('-')
+        })
 }
 
 /// Session ids name the Deployment, the Service (a DNS-1035 label) and `{id}-home`.
@@ -124,157 +163,6 @@ fn session_of(meta: &ObjectMeta) -> Option<&str> {
     labels.get("session").map(String::as_str)
 }
 
-/// The API failure of one call, as a [`RuntimeError`] naming the verb and resource.
-fn api_failure(e: kube::Error, verb: &str, resource: &str, name: &str, ns: &str) -> RuntimeError {
-    match &e {
-        kube::Error::Api(s) if s.code == 403 => RuntimeError::permanent(format!(
-            "kubernetes RBAC forbids the agent to {verb} {resource} in namespace {ns} ({name}): {}; grant `{verb}` on `{resource}` in the agent's Role",
-            s.message
-        )),
-        // Conflicts, throttling and server trouble pass; so may an expired token.
-        kube::Error::Api(s) if matches!(s.code, 401 | 409 | 429) || s.code >= 500 => {
-            RuntimeError::retryable(format!(
-                "kubernetes {verb} {resource} {ns}/{name}: {}",
-                s.message
-            ))
-        }
-        kube::Error::Api(s) => RuntimeError::permanent(format!(
-            "kubernetes {verb} {resource} {ns}/{name}: {} ({})",
-            s.message, s.code
-        )),
-        other => {
-            RuntimeError::retryable(format!("kubernetes {verb} {resource} {ns}/{name}: {other}"))
-        }
-    }
-}
-
-fn status_code(e: &kube::Error) -> Option<u16> {
-    match e {
-        kube::Error::Api(s) => Some(s.code),
-        _ => None,
-    }
-}
-
-/// What the pods of one session say about it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-enum PodView {
-    Ready {
-        pod: String,
-        ip: Option<String>,
-    },
-    /// A pod is failing with a reason the kubelet (or an eviction) gave.
-    Failing {
-        pod: String,
-        reason: String,
-        message: String,
-    },
-    /// A pod exists but is not ready; `detail` says why when the cluster says.
-    Pending {
-        pod: String,
-        detail: Option<String>,
-    },
-    None,
-}
-
-fn pod_is_ready(pod: &Pod) -> bool {
-    pod.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-}
-
-fn pod_phase(pod: &Pod) -> &str {
-    pod.status
-        .as_ref()
-        .and_then(|s| s.phase.as_deref())
-        .unwrap_or("Pending")
-}
-
-/// The first reason a container gives for not running (waiting, or crashed last time).
-fn container_trouble(pod: &Pod) -> Option<(String, String)> {
-    let statuses = pod.status.as_ref()?.container_statuses.as_ref()?;
-    statuses.iter().find_map(|c| {
-        let waiting = c.state.as_ref()?.waiting.as_ref()?;
-        let reason = waiting.reason.clone()?;
-        Some((reason, waiting.message.clone().unwrap_or_default()))
-    })
-}
-
-/// Why the scheduler has not placed a pod, if it said.
-fn unschedulable(pod: &Pod) -> Option<String> {
-    let conditions = pod.status.as_ref()?.conditions.as_ref()?;
-    conditions
-        .iter()
-        .find(|c| c.type_ == "PodScheduled" && c.status == "False")
-        .map(|c| {
-            format!(
-                "{}: {}",
-                c.reason.as_deref().unwrap_or("Unschedulable"),
-                c.message.as_deref().unwrap_or_default()
-            )
-        })
-}
-
-fn pod_view<'a>(pods: impl IntoIterator<Item = &'a Pod>) -> PodView {
-    let mut pods: Vec<&Pod> = pods.into_iter().collect();
-    // Newest first, so a replacement pod speaks before the one it replaced.
-    pods.sort_by(|a, b| {
-        b.metadata
-            .creation_timestamp
-            .cmp(&a.metadata.creation_timestamp)
-    });
-    let name = |p: &Pod| p.metadata.name.clone().unwrap_or_default();
-    let active: Vec<&Pod> = pods
-        .iter()
-        .copied()
-        .filter(|p| {
-            p.metadata.deletion_timestamp.is_none()
-                && !matches!(pod_phase(p), "Failed" | "Succeeded")
-        })
-        .collect();
-    if let Some(p) = active.iter().find(|p| pod_is_ready(p)) {
-        return PodView::Ready {
-            pod: name(p),
-            ip: p.status.as_ref().and_then(|s| s.pod_ip.clone()),
-        };
-    }
-    if let Some((p, (reason, message))) = active
-        .iter()
-        .find_map(|p| container_trouble(p).map(|t| (p, t)))
-        .filter(|(_, (reason, _))| HOPELESS_REASONS.contains(&reason.as_str()))
-    {
-        return PodView::Failing {
-            pod: name(p),
-            reason,
-            message,
-        };
-    }
-    if let Some(p) = active.first() {
-        let detail = container_trouble(p)
-            .map(|(r, m)| format!("{r}: {m}"))
-            .or_else(|| unschedulable(p));
-        return PodView::Pending {
-            pod: name(p),
-            detail,
-        };
-    }
-    if let Some(p) = pods.iter().find(|p| pod_phase(p) == "Failed") {
-        let status = p.status.as_ref();
-        return PodView::Failing {
-            pod: name(p),
-            reason: status
-                .and_then(|s| s.reason.clone())
-                .unwrap_or_else(|| "Failed".into()),
-            message: status.and_then(|s| s.message.clone()).unwrap_or_default(),
-        };
-    }
-    PodView::None
-}
-
-fn replicas(d: &Deployment) -> i32 {
-    d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1)
-}
-
 /// A running count of operations per session; while one runs, the session's changes
 /// are the operation's own and are not published.
 #[derive(Debug, Default)]
@@ -294,6 +182,14 @@ struct Inner {
     pods: Api<Pod>,
     deployment_cache: Store<Deployment>,
     pod_cache: Store<Pod>,
+    service_cache: Store<Service>,
+    claim_cache: Store<PersistentVolumeClaim>,
+    /// How long a stopped session's home volume is kept (zero: deleted with it).
+    home_retention: Duration,
+    /// Sessions whose Service a repair task is re-applying.
+    repairing: Mutex<std::collections::HashSet<String>>,
+    /// Services re-applied after drift, for tests and logs.
+    services_repaired: std::sync::atomic::AtomicU64,
     /// Bumped after every cache change; waiters re-check when it moves.
     changed: watch::Sender<u64>,
     events: broadcast::Sender<Observation>,
@@ -303,9 +199,10 @@ struct Inner {
     reported: Mutex<HashMap<String, SessionState>>,
     /// Whether `reported` has been seeded from the first complete caches.
     seeded: Mutex<bool>,
-    /// Per watch (Deployments, Pods): whether its last event was an error. While one is
-    /// failing its cache may be stale, so inventory asks the API server instead.
-    watch_failing: [std::sync::atomic::AtomicBool; 2],
+    /// Per watch (Deployments, Pods, Services, claims): whether its last event was an
+    /// error. While one is failing its cache may be stale, so inventory asks the API
+    /// server instead and drift is not repaired.
+    watch_failing: [std::sync::atomic::AtomicBool; 4],
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -376,6 +273,8 @@ impl KubernetesRuntime {
     pub fn with_client(client: Client, namespace: &str, config: &KubernetesConfig) -> Self {
         let (deployment_cache, deployment_writer) = reflector::store();
         let (pod_cache, pod_writer) = reflector::store();
+        let (service_cache, service_writer) = reflector::store();
+        let (claim_cache, claim_writer) = reflector::store();
         let (changed, _) = watch::channel(0);
         let (events, _) = broadcast::channel(EVENT_BUFFER);
         let inner = Arc::new(Inner {
@@ -391,6 +290,11 @@ impl KubernetesRuntime {
             pods: Api::namespaced(client, namespace),
             deployment_cache,
             pod_cache,
+            service_cache,
+            claim_cache,
+            home_retention: Duration::from_secs(config.home_retention_secs),
+            repairing: Mutex::default(),
+            services_repaired: Default::default(),
             changed,
             events,
             busy: Mutex::default(),
@@ -398,7 +302,7 @@ impl KubernetesRuntime {
             seeded: Mutex::new(false),
             watch_failing: Default::default(),
         });
-        let tasks = vec![
+        let mut tasks = vec![
             tokio::spawn(follow(
                 inner.clone(),
                 inner.deployments.clone(),
@@ -406,12 +310,35 @@ impl KubernetesRuntime {
                 0,
             )),
             tokio::spawn(follow(inner.clone(), inner.pods.clone(), pod_writer, 1)),
+            tokio::spawn(follow(
+                inner.clone(),
+                inner.services.clone(),
+                service_writer,
+                2,
+            )),
+            tokio::spawn(follow(inner.clone(), inner.claims.clone(), claim_writer, 3)),
         ];
+        if !inner.home_retention.is_zero() {
+            tasks.push(tokio::spawn(home::sweep_loop(inner.clone())));
+        }
         Self { inner, tasks }
     }
 
     pub fn namespace(&self) -> &str {
         &self.inner.namespace
+    }
+
+    /// How many times a session's Service was found missing or changed and applied again.
+    pub fn services_repaired(&self) -> u64 {
+        self.inner
+            .services_repaired
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Deletes the retained home volumes whose retention has ended now, rather than at
+    /// the next periodic sweep; returns how many.
+    pub async fn sweep_homes(&self) -> usize {
+        self.inner.sweep_homes().await
     }
 }
 
@@ -442,6 +369,7 @@ async fn follow<K>(
         }
         inner.changed.send_modify(|n| *n = n.wrapping_add(1));
         inner.publish_news();
+        inner.repair_drift();
     }
 }
 
@@ -452,46 +380,6 @@ impl Inner {
             inner: self,
             session: session.to_owned(),
         }
-    }
-
-    /// The session's address: its Service's DNS name, with the scheme of its template and,
-    /// when the template uses one, the user and per-session password the container checks.
-    fn url(&self, session: &str, deployment: &Deployment) -> String {
-        let port = self.port_of(deployment);
-        let host = format!(
-            "{session}.{}.svc.{}:{port}",
-            self.namespace, self.cluster_domain
-        );
-        let Some(template) = self.template_of(deployment) else {
-            return format!("http://{host}");
-        };
-        let password = template.password_env.as_ref().and_then(|var| {
-            deployment
-                .spec
-                .as_ref()?
-                .template
-                .spec
-                .as_ref()?
-                .containers
-                .first()?
-                .env
-                .as_ref()?
-                .iter()
-                .find(|e| &e.name == var)?
-                .value
-                .clone()
-        });
-        match password {
-            Some(password) => format!(
-                "{}://{}:{password}@{host}",
-                template.url_scheme, template.url_user
-            ),
-            None => format!("{}://{host}", template.url_scheme),
-        }
-    }
-
-    fn fail(&self, e: kube::Error, verb: &str, resource: &str, name: &str) -> RuntimeError {
-        api_failure(e, verb, resource, name, &self.namespace)
     }
 
     fn cached_deployment(&self, session: &str) -> Option<Arc<Deployment>> {
@@ -505,68 +393,6 @@ impl Inner {
             .into_iter()
             .filter(|p| is_ours(&p.metadata, session))
             .collect()
-    }
-
-    fn port_of(&self, deployment: &Deployment) -> u16 {
-        deployment
-            .spec
-            .as_ref()
-            .and_then(|s| s.template.spec.as_ref())
-            .and_then(|s| s.containers.first())
-            .and_then(|c| c.ports.as_ref())
-            .and_then(|p| p.first())
-            .and_then(|p| u16::try_from(p.container_port).ok())
-            .unwrap_or(DEFAULT_PORT)
-    }
-
-    /// A session's state from a Deployment and its pods.
-    fn observe(
-        &self,
-        session: &str,
-        deployment: Option<&Deployment>,
-        pods: &[&Pod],
-    ) -> Observation {
-        let Some(deployment) = deployment else {
-            return Observation::new(session, SessionState::Stopped);
-        };
-        if deployment.metadata.deletion_timestamp.is_some() {
-            return Observation::new(session, SessionState::Stopped).with_message("being deleted");
-        }
-        if replicas(deployment) == 0 {
-            return Observation::new(session, SessionState::Hibernated);
-        }
-        let url = self.url(session, deployment);
-        match pod_view(pods.iter().copied()) {
-            PodView::Ready { pod, ip } => Observation::new(session, SessionState::Running)
-                .with_url(url)
-                .with_message(match ip {
-                    Some(ip) => format!("pod {pod} ({ip})"),
-                    None => format!("pod {pod}"),
-                }),
-            PodView::Failing {
-                pod,
-                reason,
-                message,
-            } => Observation::new(session, SessionState::Failed)
-                .with_url(url)
-                .with_message(format!("pod {pod}: {reason}: {message}")),
-            PodView::Pending { pod, detail } => Observation::new(session, SessionState::Starting)
-                .with_url(url)
-                .with_message(match detail {
-                    Some(d) => format!("pod {pod}: {d}"),
-                    None => format!("pod {pod} is not ready yet"),
-                }),
-            PodView::None => Observation::new(session, SessionState::Starting)
-                .with_url(url)
-                .with_message("no pod yet"),
-        }
-    }
-
-    fn observe_cached(&self, session: &str) -> Observation {
-        let deployment = self.cached_deployment(session);
-        let pods = self.cached_pods(session);
-        let pods: Vec<&Pod> = pods.iter().map(|p| p.as_ref()).collect();
-        self.observe(session, deployment.as_deref(), &pods)
     }
 
     /// Records what an operation reported, so the caches catching up are not news.
@@ -642,494 +468,6 @@ impl Inner {
             && futures_util::FutureExt::now_or_never(self.pod_cache.wait_until_ready())
                 .is_some_and(|r| r.is_ok())
     }
-
-    /// Re-checks `check` after every cache change until it yields, or `timeout` passes
-    /// (`Ok(None)`). Never polls on a timer: the deadline is the only timer.
-    async fn wait_until<T, F, Fut>(
-        &self,
-        timeout: Duration,
-        mut check: F,
-    ) -> Result<Option<T>, RuntimeError>
-    where
-        F: FnMut() -> Fut,
-        Fut: Future<Output = Result<Option<T>, RuntimeError>>,
-    {
-        let deadline = Instant::now() + timeout;
-        let mut changes = self.changed.subscribe();
-        let ready = async {
-            self.deployment_cache.wait_until_ready().await.is_ok()
-                && self.pod_cache.wait_until_ready().await.is_ok()
-        };
-        match tokio::time::timeout_at(deadline, ready).await {
-            Ok(true) => {}
-            Ok(false) => return Err(RuntimeError::retryable("the kubernetes watch stopped")),
-            Err(_) => {
-                return Err(RuntimeError::retryable(format!(
-                    "the kubernetes watches of namespace {} did not sync within {timeout:?}",
-                    self.namespace
-                )));
-            }
-        }
-        loop {
-            // Mark before checking, so a change during the check wakes the next wait.
-            changes.borrow_and_update();
-            if let Some(found) = check().await? {
-                return Ok(Some(found));
-            }
-            tokio::select! {
-                changed = changes.changed() => {
-                    if changed.is_err() {
-                        return Err(RuntimeError::retryable("the kubernetes watch stopped"));
-                    }
-                }
-                _ = tokio::time::sleep_until(deadline) => return Ok(None),
-            }
-        }
-    }
-
-    /// Creates `object`, or returns the existing one when it is this session's.
-    async fn create_or_get<K>(
-        &self,
-        api: &Api<K>,
-        resource: &str,
-        session: &str,
-        object: &K,
-    ) -> Result<K, RuntimeError>
-    where
-        K: Resource + Clone + DeserializeOwned + Serialize + fmt::Debug,
-    {
-        let name = object.meta().name.clone().unwrap_or_default();
-        let params = PostParams {
-            field_manager: Some(FIELD_MANAGER.into()),
-            ..PostParams::default()
-        };
-        for _ in 0..WRITE_ATTEMPTS {
-            match api.create(&params, object).await {
-                Ok(created) => return Ok(created),
-                Err(e) if status_code(&e) == Some(409) => {}
-                Err(e) => return Err(self.fail(e, "create", resource, &name)),
-            }
-            match api.get_opt(&name).await {
-                Ok(Some(existing)) if is_ours(existing.meta(), session) => return Ok(existing),
-                Ok(Some(existing)) => {
-                    return Err(RuntimeError::permanent(format!(
-                        "{resource} {}/{name} already exists and does not belong to session {session} (labels {:?}); refusing to adopt it",
-                        self.namespace,
-                        existing.meta().labels.clone().unwrap_or_default()
-                    )));
-                }
-                // Deleted between our create and get: create again.
-                Ok(None) => {}
-                Err(e) => return Err(self.fail(e, "get", resource, &name)),
-            }
-        }
-        Err(RuntimeError::retryable(format!(
-            "{resource} {}/{name} kept changing while being created",
-            self.namespace
-        )))
-    }
-
-    /// Deletes the named object if it exists and is this session's; returns its uid.
-    async fn delete_if_ours<K>(
-        &self,
-        api: &Api<K>,
-        resource: &str,
-        session: &str,
-        name: &str,
-        propagation: PropagationPolicy,
-    ) -> Result<Option<String>, RuntimeError>
-    where
-        K: Resource + Clone + DeserializeOwned + fmt::Debug,
-    {
-        for _ in 0..WRITE_ATTEMPTS {
-            let existing = match api.get_opt(name).await {
-                Ok(Some(existing)) => existing,
-                Ok(None) => return Ok(None),
-                Err(e) => return Err(self.fail(e, "get", resource, name)),
-            };
-            if !is_ours(existing.meta(), session) {
-                return Err(RuntimeError::permanent(format!(
-                    "{resource} {}/{name} does not belong to session {session}; refusing to delete it",
-                    self.namespace
-                )));
-            }
-            let uid = existing.meta().uid.clone();
-            let params = DeleteParams {
-                propagation_policy: Some(propagation.clone()),
-                // Only the object we inspected: never a same-named successor.
-                preconditions: Some(Preconditions {
-                    uid: uid.clone(),
-                    resource_version: None,
-                }),
-                ..DeleteParams::default()
-            };
-            match api.delete(name, &params).await {
-                Ok(_) => return Ok(uid),
-                Err(e) if status_code(&e) == Some(404) => return Ok(None),
-                // The uid precondition failed: it was replaced; look again.
-                Err(e) if status_code(&e) == Some(409) => {}
-                Err(e) => return Err(self.fail(e, "delete", resource, name)),
-            }
-        }
-        Err(RuntimeError::retryable(format!(
-            "{resource} {}/{name} kept changing while being deleted",
-            self.namespace
-        )))
-    }
-
-    /// Waits until the caches show the Deployment `uid` scaled up with a ready pod.
-    async fn wait_ready(
-        &self,
-        session: &str,
-        uid: &str,
-        timeout: Duration,
-    ) -> Result<Observation, RuntimeError> {
-        let found = self
-            .wait_until(timeout, || async {
-                let seen = self
-                    .cached_deployment(session)
-                    .is_some_and(|d| d.metadata.uid.as_deref() == Some(uid) && replicas(&d) > 0);
-                let obs = self.observe_cached(session);
-                Ok((seen && obs.state == SessionState::Running).then_some(obs))
-            })
-            .await?;
-        if let Some(obs) = found {
-            return Ok(obs);
-        }
-        // Fail with the pod's own words, as `kubectl describe` would show them.
-        let pods = self.cached_pods(session);
-        let (why, hopeless) = match pod_view(pods.iter().map(|p| p.as_ref())) {
-            PodView::Failing {
-                pod,
-                reason,
-                message,
-            } => {
-                let hopeless = HOPELESS_REASONS.contains(&reason.as_str());
-                (format!("pod {pod}: {reason}: {message}"), hopeless)
-            }
-            PodView::Pending { pod, detail } => (
-                format!(
-                    "pod {pod}: {}",
-                    detail.unwrap_or_else(|| "not ready".into())
-                ),
-                false,
-            ),
-            PodView::Ready { pod, .. } => (format!("pod {pod} became ready too late"), false),
-            PodView::None => ("no pod was created".to_owned(), false),
-        };
-        let message = format!("session {session} not ready within {timeout:?}: {why}");
-        Err(if hopeless {
-            RuntimeError::permanent(message)
-        } else {
-            RuntimeError::retryable(message)
-        })
-    }
-
-    /// Sets the Deployment's replicas through `/scale`, on the version just read, so a
-    /// concurrent change is noticed (409) and the decision re-made on fresh data.
-    async fn scale(&self, session: &str, to: i32) -> Result<Deployment, RuntimeError> {
-        for _ in 0..WRITE_ATTEMPTS {
-            let deployment = match self.deployments.get_opt(session).await {
-                Ok(Some(d)) => d,
-                Ok(None) => return Err(unknown_session(session)),
-                Err(e) => return Err(self.fail(e, "get", "deployments", session)),
-            };
-            if !is_ours(&deployment.metadata, session) {
-                return Err(RuntimeError::permanent(format!(
-                    "deployment {}/{session} does not belong to session {session}",
-                    self.namespace
-                )));
-            }
-            if deployment.metadata.deletion_timestamp.is_some() {
-                return Err(RuntimeError::permanent(format!(
-                    "session {session} is being stopped"
-                )));
-            }
-            if replicas(&deployment) == to {
-                return Ok(deployment);
-            }
-            let patch = json!({
-                "metadata": {"resourceVersion": deployment.metadata.resource_version},
-                "spec": {"replicas": to},
-            });
-            let params = PatchParams {
-                field_manager: Some(FIELD_MANAGER.into()),
-                ..PatchParams::default()
-            };
-            match self
-                .deployments
-                .patch_scale(session, &params, &Patch::Merge(&patch))
-                .await
-            {
-                Ok(_) => {
-                    let mut scaled = deployment;
-                    if let Some(spec) = scaled.spec.as_mut() {
-                        spec.replicas = Some(to);
-                    }
-                    return Ok(scaled);
-                }
-                Err(e) if status_code(&e) == Some(409) => continue,
-                Err(e) if status_code(&e) == Some(404) => return Err(unknown_session(session)),
-                Err(e) => return Err(self.fail(e, "patch", "deployments/scale", session)),
-            }
-        }
-        Err(RuntimeError::retryable(format!(
-            "deployment {}/{session} kept changing while being scaled",
-            self.namespace
-        )))
-    }
-
-    fn template(&self, name: &str) -> Result<&KubeTemplate, RuntimeError> {
-        self.catalog.get(name).ok_or_else(|| {
-            RuntimeError::permanent(format!(
-                "unknown template {name:?} (this agent has: {})",
-                self.catalog.keys().cloned().collect::<Vec<_>>().join(", ")
-            ))
-        })
-    }
-
-    fn template_of(&self, deployment: &Deployment) -> Option<&KubeTemplate> {
-        let name = deployment
-            .metadata
-            .annotations
-            .as_ref()?
-            .get("streamspace.io/template")?;
-        self.catalog.get(name)
-    }
-
-    fn ready_timeout_of(&self, deployment: &Deployment) -> Duration {
-        Duration::from_millis(
-            self.template_of(deployment)
-                .map_or(DEFAULT_READY_TIMEOUT_MS, |t| t.ready_timeout_ms),
-        )
-    }
-
-    async fn start(&self, session: &str, spec: &StartSession) -> Result<Observation, RuntimeError> {
-        let template = self.template(&spec.template)?;
-        if spec.home_volume {
-            self.create_or_get(
-                &self.claims,
-                "persistentvolumeclaims",
-                session,
-                &self.claim_for(session, spec),
-            )
-            .await?;
-        }
-        let wanted = self.deployment_for(session, spec, template);
-        let mut deployment = None;
-        for _ in 0..WRITE_ATTEMPTS {
-            let d = self
-                .create_or_get(&self.deployments, "deployments", session, &wanted)
-                .await?;
-            if d.metadata.deletion_timestamp.is_none() {
-                deployment = Some(d);
-                break;
-            }
-            // A stop of this session is still finishing: let it, then start afresh.
-            let uid = d.metadata.uid.clone().unwrap_or_default();
-            self.wait_deployment_gone(session, &uid).await?;
-        }
-        let deployment = deployment.ok_or_else(|| {
-            RuntimeError::retryable(format!(
-                "deployment {}/{session} kept being deleted",
-                self.namespace
-            ))
-        })?;
-        self.create_or_get(
-            &self.services,
-            "services",
-            session,
-            &self.service_for(session, spec, template, &deployment),
-        )
-        .await?;
-        let uid = deployment.metadata.uid.clone().unwrap_or_default();
-        if replicas(&deployment) == 0 {
-            // Create-or-get: a hibernated session is returned as it is.
-            self.wait_until(self.operation_timeout, || async {
-                Ok(self
-                    .cached_deployment(session)
-                    .filter(|d| d.metadata.uid.as_deref() == Some(uid.as_str()))
-                    .map(|_| ()))
-            })
-            .await?;
-            return Ok(Observation::new(session, SessionState::Hibernated));
-        }
-        self.wait_ready(
-            session,
-            &uid,
-            Duration::from_millis(template.ready_timeout_ms),
-        )
-        .await
-    }
-
-    /// Waits until the Deployment `uid` is gone from the API and from the cache.
-    async fn wait_deployment_gone(&self, session: &str, uid: &str) -> Result<(), RuntimeError> {
-        let gone = self
-            .wait_until(self.operation_timeout, || async {
-                let cached = self
-                    .cached_deployment(session)
-                    .is_some_and(|d| d.metadata.uid.as_deref() == Some(uid));
-                if cached {
-                    return Ok(None);
-                }
-                match self.deployments.get_opt(session).await {
-                    Ok(Some(d)) if d.metadata.uid.as_deref() == Some(uid) => Ok(None),
-                    Ok(_) => Ok(Some(())),
-                    Err(e) => Err(self.fail(e, "get", "deployments", session)),
-                }
-            })
-            .await?;
-        gone.ok_or_else(|| {
-            RuntimeError::retryable(format!(
-                "deployment {}/{session} still exists {:?} after its deletion",
-                self.namespace, self.operation_timeout
-            ))
-        })
-    }
-
-    async fn stop(&self, session: &str, spec: &StopSession) -> Result<Observation, RuntimeError> {
-        // The Service first: it is the Deployment's dependent, so deleting the Deployment
-        // first would leave its removal to the garbage collector's timing, and whether
-        // this agent ever deletes a Service would depend on a race.
-        self.delete_if_ours(
-            &self.services,
-            "services",
-            session,
-            session,
-            PropagationPolicy::Foreground,
-        )
-        .await?;
-        let deployment_uid = self
-            .delete_if_ours(
-                &self.deployments,
-                "deployments",
-                session,
-                session,
-                PropagationPolicy::Foreground,
-            )
-            .await?;
-        let claim = format!("{session}-home");
-        let claim_uid = if spec.delete_home {
-            self.delete_if_ours(
-                &self.claims,
-                "persistentvolumeclaims",
-                session,
-                &claim,
-                PropagationPolicy::Background,
-            )
-            .await?
-        } else {
-            None
-        };
-        if let Some(uid) = deployment_uid {
-            self.wait_deployment_gone(session, &uid).await?;
-        }
-        if let Some(uid) = claim_uid {
-            // A claim in use is held by its protection finalizer until its pod is gone.
-            let gone = self
-                .wait_until(self.operation_timeout, || async {
-                    match self.claims.get_opt(&claim).await {
-                        Ok(Some(c)) if c.metadata.uid.as_deref() == Some(uid.as_str()) => Ok(None),
-                        Ok(_) => Ok(Some(())),
-                        Err(e) => Err(self.fail(e, "get", "persistentvolumeclaims", &claim)),
-                    }
-                })
-                .await?;
-            if gone.is_none() {
-                return Err(RuntimeError::retryable(format!(
-                    "persistentvolumeclaim {}/{claim} still exists after its deletion",
-                    self.namespace
-                )));
-            }
-        }
-        Ok(Observation::new(session, SessionState::Stopped))
-    }
-
-    async fn hibernate(&self, session: &str) -> Result<Observation, RuntimeError> {
-        let deployment = self.scale(session, 0).await?;
-        let uid = deployment.metadata.uid.clone().unwrap_or_default();
-        // Hibernated means consuming nothing: wait until no pod of the session runs.
-        let done = self
-            .wait_until(self.operation_timeout, || async {
-                let scaled = self.cached_deployment(session).is_some_and(|d| {
-                    d.metadata.uid.as_deref() == Some(uid.as_str()) && replicas(&d) == 0
-                });
-                let running = self
-                    .cached_pods(session)
-                    .iter()
-                    .any(|p| !matches!(pod_phase(p), "Failed" | "Succeeded"));
-                Ok((scaled && !running).then_some(()))
-            })
-            .await?;
-        match done {
-            Some(()) => Ok(Observation::new(session, SessionState::Hibernated)),
-            None => Err(RuntimeError::retryable(format!(
-                "session {session}'s pods still run {:?} after scaling to zero",
-                self.operation_timeout
-            ))),
-        }
-    }
-
-    async fn wake(&self, session: &str) -> Result<Observation, RuntimeError> {
-        let deployment = self.scale(session, 1).await?;
-        let uid = deployment.metadata.uid.clone().unwrap_or_default();
-        self.wait_ready(session, &uid, self.ready_timeout_of(&deployment))
-            .await
-    }
-
-    /// The sessions in the cluster: from the watch caches while both are synced and
-    /// healthy (heartbeats cost the API server nothing), else from the API server.
-    async fn list(&self) -> Result<Vec<Observation>, RuntimeError> {
-        let watches_ok = !self
-            .watch_failing
-            .iter()
-            .any(|f| f.load(std::sync::atomic::Ordering::Relaxed));
-        if watches_ok && self.caches_ready() {
-            let pods = self.pod_cache.state();
-            return Ok(self
-                .deployment_cache
-                .state()
-                .iter()
-                .filter_map(|d| {
-                    let session = session_of(&d.metadata)?;
-                    let own: Vec<&Pod> = pods
-                        .iter()
-                        .map(|p| p.as_ref())
-                        .filter(|p| is_ours(&p.metadata, session))
-                        .collect();
-                    Some(self.observe(session, Some(d), &own))
-                })
-                .collect());
-        }
-        let params = ListParams::default().labels(SESSION_SELECTOR);
-        let deployments = self
-            .deployments
-            .list(&params)
-            .await
-            .map_err(|e| self.fail(e, "list", "deployments", SESSION_SELECTOR))?;
-        let pods = self
-            .pods
-            .list(&params)
-            .await
-            .map_err(|e| self.fail(e, "list", "pods", SESSION_SELECTOR))?;
-        Ok(deployments
-            .items
-            .iter()
-            .filter_map(|d| {
-                let session = session_of(&d.metadata)?;
-                let own: Vec<&Pod> = pods
-                    .items
-                    .iter()
-                    .filter(|p| is_ours(&p.metadata, session))
-                    .collect();
-                Some(self.observe(session, Some(d), &own))
-            })
-            .collect())
-    }
-}
-
-fn unknown_session(session: &str) -> RuntimeError {
-    RuntimeError::permanent(format!("no session {session} runs on this agent"))
 }
 
 #[async_trait]
@@ -1240,8 +578,8 @@ mod tests {
         let config = KubernetesConfig::default();
         config.validate().unwrap();
         let catalog = config.catalog();
-        assert_eq!(catalog["firefox-browser"].memory, "512Mi");
-        assert_eq!(catalog["firefox-browser"].cpu, "250m");
+        assert_eq!(catalog["firefox-browser"].memory, "2Gi");
+        assert_eq!(catalog["firefox-browser"].cpu, "1");
         let bad = KubernetesConfig {
             namespace: Some("Bad_NS".into()),
             ..KubernetesConfig::default()
