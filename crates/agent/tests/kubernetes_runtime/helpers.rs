@@ -112,6 +112,8 @@ fn test_templates() -> std::collections::BTreeMap<String, KubeTemplate> {
         ),
         ("oom".to_owned(), failing("oom/streamspace-session:0")),
         ("denied".to_owned(), failing("denied/streamspace-session:0")),
+        // Upper case is not a valid repository name: no runtime can even try to pull it.
+        ("misnamed".to_owned(), failing("Streamspace/Session:0")),
         ("shaped".to_owned(), shaped),
         ("no-home".to_owned(), no_home),
     ]

@@ -244,6 +244,24 @@ async fn a_start_admission_denies_fails_at_once_and_says_so() {
     env.finish().await;
 }
 
+/// A pull failure may pass (and is retried); a name no runtime can parse will not.
+#[tokio::test]
+async fn an_invalid_image_name_fails_the_start_at_once() {
+    let env = env().await;
+    let err = env
+        .runtime
+        .start("s-misnamed", &start("misnamed"))
+        .await
+        .unwrap_err();
+    assert!(!err.retryable, "{err:?}");
+    assert!(err.message.contains("InvalidImageName"), "{err:?}");
+    assert!(
+        !err.message.contains("not ready within"),
+        "failed on the kubelet's verdict, not the ready timeout: {err:?}"
+    );
+    env.finish().await;
+}
+
 #[tokio::test]
 async fn a_failed_start_gives_its_quota_back() {
     let env = env().await;

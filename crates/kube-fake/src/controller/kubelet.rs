@@ -137,6 +137,29 @@ pub(super) fn schedule(store: &mut Store, out: &mut Reconciled) -> bool {
     changed
 }
 
+/// Why an image reference cannot be parsed, in the container runtime's words: the
+/// kubelet then reports `InvalidImageName` and never tries to pull.
+fn invalid_reference(image: &str) -> Option<&'static str> {
+    if image.is_empty() || image.chars().any(char::is_whitespace) {
+        return Some("invalid reference format");
+    }
+    // The repository: without a digest or tag, and without a registry host (the first
+    // component, when it looks like one, may hold upper-case letters).
+    let name = image.split('@').next().unwrap_or(image);
+    let last_slash = name.rfind('/').map_or(0, |i| i + 1);
+    let name = match name[last_slash..].rfind(':') {
+        Some(i) => &name[..last_slash + i],
+        None => name,
+    };
+    let path = match name.split_once('/') {
+        Some((host, rest)) if host.contains(['.', ':']) || host == "localhost" => rest,
+        _ => name,
+    };
+    path.chars()
+        .any(|c| c.is_ascii_uppercase())
+        .then_some("invalid reference format: repository name must be lowercase")
+}
+
 fn image_matches(image: &str, prefixes: &[String]) -> bool {
     prefixes.iter().any(|p| image.starts_with(p.as_str()))
 }
@@ -268,6 +291,23 @@ pub(crate) fn progress_pod(store: &mut Store, timer: &PodTimer) -> Option<PodTim
             new["status"]["hostIP"] = json!(HOST_IP);
             new["status"]["hostIPs"] = json!([{"ip": HOST_IP}]);
             new["status"]["startTime"] = json!(now());
+            if let Some((img, why)) = names
+                .iter()
+                .find_map(|(_, img)| invalid_reference(img).map(|why| (img.clone(), why)))
+            {
+                new["status"]["conditions"] = conditions(false, None, &names);
+                let message = format!(
+                    "Failed to apply default image tag \"{img}\": couldn't parse image name \"{img}\": {why}"
+                );
+                new["status"]["containerStatuses"] = names
+                    .iter()
+                    .map(|(name, image)| {
+                        status_of(name, image, waiting("InvalidImageName", &message))
+                    })
+                    .collect();
+                store.update(ResourceKind::Pod, new);
+                return None;
+            }
             if let Some(image) = failing {
                 new["status"]["conditions"] = conditions(false, None, &names);
                 new["status"]["containerStatuses"] = names
@@ -422,4 +462,25 @@ pub(crate) fn set_pod_state(store: &mut Store, key: &Key, state: &PodState) -> b
     }
     store.update(ResourceKind::Pod, new);
     true
+}
+
+#[cfg(test)]
+mod reference_tests {
+    use super::invalid_reference;
+
+    #[test]
+    fn image_references_parse_like_the_container_runtime_parses_them() {
+        for ok in [
+            "nginx",
+            "nginx:1.27-alpine",
+            "lscr.io/linuxserver/firefox:latest",
+            "Registry.Example.com:5000/team/app:V1",
+            "kasmweb/chrome@sha256:abc",
+        ] {
+            assert_eq!(invalid_reference(ok), None, "{ok}");
+        }
+        for bad in ["Nginx", "team/App:1", "nginx latest", ""] {
+            assert!(invalid_reference(bad).is_some(), "{bad}");
+        }
+    }
 }
