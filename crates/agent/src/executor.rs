@@ -93,6 +93,8 @@ struct Job {
     session_id: String,
     kind: CommandKind,
     deadline_unix_ms: i64,
+    /// W3C `traceparent` of the delivery, so the execution joins the command's trace.
+    trace_context: Option<String>,
 }
 
 /// A newly delivered command, to be started (queued) after its `Ack` went out, so the
@@ -464,6 +466,7 @@ fn decode(cmd: &proto::Command) -> Result<Job, Outcome> {
         session_id,
         kind,
         deadline_unix_ms: cmd.deadline_unix_ms,
+        trace_context: Some(cmd.trace_context.clone()).filter(|t| !t.is_empty()),
     })
 }
 
@@ -536,7 +539,16 @@ async fn execute(runtime: &Arc<dyn SessionRuntime>, job: Job) -> Outcome {
     if job.deadline_unix_ms > 0 && unix_ms() > job.deadline_unix_ms {
         return Outcome::permanent("deadline passed before the command could start");
     }
-    let span = tracing::info_span!("command", command_id = %job.command_id, session_id = %job.session_id, action = %job.kind.action());
+    let span = tracing::info_span!(
+        "execute command",
+        otel.kind = "consumer",
+        command_id = %job.command_id,
+        session_id = %job.session_id,
+        action = %job.kind.action(),
+    );
+    // A child of the dispatcher's delivery: the command's one trace, however long after
+    // its acceptance it runs. Runtime calls (Kubernetes requests, spawns) nest inside.
+    streamspace_core::telemetry::continue_trace(&span, job.trace_context.as_deref());
     // Its own task, so a panicking runtime fails this command instead of killing the
     // session's worker and stranding the commands behind it.
     let runtime = runtime.clone();

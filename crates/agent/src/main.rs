@@ -86,10 +86,14 @@ fn run_agent(config_file: Option<PathBuf>, insecure: bool) -> anyhow::Result<()>
         streamspace_core::config::load(config_file.as_deref()).context("loading configuration")?;
     config.insecure |= insecure;
     config.validate().context("invalid configuration")?;
-    streamspace_core::telemetry::init_tracing("info", config.log_json);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    // The trace exporter's channel lives on the runtime.
+    let _telemetry = {
+        let _in_runtime = rt.enter();
+        streamspace_core::telemetry::init_tracing("streamspace-agent", "info", config.log_json)
+    };
     rt.block_on(async {
         let agent = Agent::build(config).await.context("starting the agent")?;
         let (stop, stop_rx) = watch::channel(false);

@@ -91,11 +91,16 @@ async fn caller<T>(req: &Request<T>) -> Result<Caller, Status> {
         .metadata()
         .get("traceparent")
         .and_then(|v| parse_traceparent(v.as_bytes()));
-    Ok(Caller {
+    let operation = req.extensions().get::<tonic::GrpcMethod>().map_or_else(
+        || "grpc".to_owned(),
+        |m| format!("{}/{}", m.service(), m.method()),
+    );
+    Ok(Caller::new(
         principal,
         idempotency_key,
         traceparent,
-    })
+        &operation,
+    ))
 }
 
 fn time(t: DateTime<Utc>) -> String {

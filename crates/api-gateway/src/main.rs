@@ -49,7 +49,8 @@ async fn main() -> anyhow::Result<()> {
         println!("{token}");
         return Ok(());
     }
-    streamspace_core::telemetry::init_tracing("info", config.log_json);
+    let _telemetry =
+        streamspace_core::telemetry::init_tracing("api-gateway", "info", config.log_json);
     let policy = if flags.migrate {
         SchemaPolicy::Migrate
     } else {

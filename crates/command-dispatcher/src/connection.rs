@@ -379,11 +379,29 @@ impl Connection {
                             let token = cmd.lease.as_ref().map_or(0, |l| l.token);
                             self.lock_in_flight()
                                 .insert(cmd.command_id.to_string(), token);
-                            tracing::debug!(agent_id = %self.agent_id, command_id = %cmd.command_id, attempt = cmd.attempts, "delivering");
+                            // One span per delivery, in the trace of the request that
+                            // made the command; the agent's execution is its child.
+                            let span = tracing::info_span!(
+                                "deliver command",
+                                otel.kind = "producer",
+                                agent_id = %self.agent_id,
+                                command_id = %cmd.command_id,
+                                session_id = cmd.session_id.as_deref().unwrap_or(""),
+                                action = cmd.kind.action().as_str(),
+                                attempt = cmd.attempts,
+                            );
+                            streamspace_core::telemetry::continue_trace(
+                                &span,
+                                cmd.trace_context.as_deref(),
+                            );
+                            span.in_scope(|| tracing::debug!("delivering"));
+                            let mut command = convert::command_to_proto(cmd);
+                            if let Some(own) = streamspace_core::telemetry::traceparent_of(&span) {
+                                command.trace_context = own;
+                            }
+                            drop(span);
                             let msg = pb::DispatcherMessage {
-                                msg: Some(dispatcher_message::Msg::Command(
-                                    convert::command_to_proto(cmd),
-                                )),
+                                msg: Some(dispatcher_message::Msg::Command(command)),
                             };
                             if tx.send(Ok(msg)).await.is_err() {
                                 return; // the stream is gone; clean-up releases the leases

@@ -35,7 +35,8 @@ async fn main() -> anyhow::Result<()> {
     let flags = Flags::parse();
     let config: DispatcherConfig =
         streamspace_core::config::load(flags.config.as_deref()).context("loading configuration")?;
-    streamspace_core::telemetry::init_tracing("info", config.log_json);
+    let _telemetry =
+        streamspace_core::telemetry::init_tracing("command-dispatcher", "info", config.log_json);
     let roles = match &flags.grant_roles {
         Some(list) => match list.split_once(',') {
             Some((gateway, dispatcher)) if !gateway.is_empty() && !dispatcher.is_empty() => {

@@ -7,22 +7,141 @@
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use opentelemetry::propagation::TextMapPropagator;
+use opentelemetry::trace::{TraceContextExt as _, TracerProvider as _};
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::Layer as _;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+
+/// Keeps the trace exporter alive; dropping it flushes the spans not yet exported.
+/// Hold it in `main` until the service has shut down.
+#[derive(Debug, Default)]
+#[must_use = "dropping the guard stops trace export"]
+pub struct TelemetryGuard {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl TelemetryGuard {
+    /// Whether spans are exported (an OTLP endpoint was configured).
+    pub fn tracing_exported(&self) -> bool {
+        self.provider.is_some()
+    }
+}
+
+impl Drop for TelemetryGuard {
+    fn drop(&mut self) {
+        if let Some(provider) = self.provider.take()
+            && let Err(e) = provider.shutdown()
+        {
+            eprintln!("flushing traces at shutdown failed: {e}");
+        }
+    }
+}
+
+/// Whether the standard `OTEL_*` variables ask for traces over OTLP: an endpoint is set,
+/// and neither `OTEL_SDK_DISABLED=true` nor `OTEL_TRACES_EXPORTER=none`.
+fn otlp_requested() -> bool {
+    let set = |name: &str| std::env::var(name).is_ok_and(|v| !v.trim().is_empty());
+    let is = |name: &str, value: &str| {
+        std::env::var(name).is_ok_and(|v| v.trim().eq_ignore_ascii_case(value))
+    };
+    (set("OTEL_EXPORTER_OTLP_ENDPOINT") || set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+        && !is("OTEL_SDK_DISABLED", "true")
+        && !is("OTEL_TRACES_EXPORTER", "none")
+}
+
+/// The OTLP (gRPC) trace pipeline: batch export to the configured endpoint, the
+/// `service` name unless `OTEL_SERVICE_NAME` says otherwise, resource attributes from
+/// `OTEL_RESOURCE_ATTRIBUTES`, the sampler from `OTEL_TRACES_SAMPLER`. Must run inside
+/// a tokio runtime (the exporter's channel lives on it).
+fn otlp_provider(service: &str) -> Result<SdkTracerProvider, String> {
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_tonic()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let mut resource = opentelemetry_sdk::Resource::builder();
+    if std::env::var_os("OTEL_SERVICE_NAME").is_none() {
+        resource = resource.with_service_name(service.to_owned());
+    }
+    Ok(SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(resource.build())
+        .build())
+}
 
 /// Installs the global `tracing` subscriber: human-readable by default, JSON lines when
-/// `json` is set; the filter comes from `RUST_LOG`, else `default_filter`.
-/// Calling it twice is harmless (the second call keeps the first subscriber).
-pub fn init_tracing(default_filter: &str, json: bool) {
+/// `json` is set; the filter comes from `RUST_LOG`, else `default_filter`. When the
+/// standard `OTEL_EXPORTER_OTLP_ENDPOINT` is set, spans are also exported over OTLP/gRPC
+/// as `service` (W3C trace context); otherwise no exporter exists and spans cost what
+/// `tracing` spans cost. Call it inside a tokio runtime. Calling it twice is harmless
+/// (the second call keeps the first subscriber).
+pub fn init_tracing(service: &str, default_filter: &str, json: bool) -> TelemetryGuard {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(true);
-    let _ = if json {
-        builder.json().try_init()
+    let fmt = tracing_subscriber::fmt::layer().with_target(true);
+    let fmt = if json {
+        fmt.json().boxed()
     } else {
-        builder.try_init()
+        fmt.boxed()
     };
+    let mut guard = TelemetryGuard::default();
+    let otel = if otlp_requested() {
+        match otlp_provider(service) {
+            Ok(provider) => {
+                let tracer = provider.tracer(service.to_owned());
+                opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+                guard.provider = Some(provider);
+                Some(tracing_opentelemetry::layer().with_tracer(tracer))
+            }
+            Err(e) => {
+                eprintln!("OTLP trace export not started ({e}); continuing without it");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let installed = tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt)
+        .with(otel)
+        .try_init();
+    if installed.is_err() {
+        // Another subscriber was first (tests): this one's exporter would see nothing.
+        guard.provider = None;
+    }
+    guard
+}
+
+/// Makes `span` a child of the W3C `traceparent` (`00-<trace>-<span>-<flags>`) when it
+/// is one, so the span joins the trace of whoever sent it — the request that created a
+/// command, hours ago if the agent was down. Without an exporter it does nothing.
+pub fn continue_trace(span: &tracing::Span, traceparent: Option<&str>) {
+    let Some(traceparent) = traceparent else {
+        return;
+    };
+    let carrier =
+        std::collections::HashMap::from([("traceparent".to_owned(), traceparent.to_owned())]);
+    let parent = TraceContextPropagator::new().extract(&carrier);
+    if parent.span().span_context().is_valid() {
+        let _ = span.set_parent(parent);
+    }
+}
+
+/// The W3C `traceparent` naming `span`, when spans are exported (and `span` is
+/// sampled-in or not); `None` without an exporter, so callers pass on what they got.
+pub fn traceparent_of(span: &tracing::Span) -> Option<String> {
+    let context = span.context();
+    if !context.span().span_context().is_valid() {
+        return None;
+    }
+    let mut carrier = std::collections::HashMap::new();
+    TraceContextPropagator::new().inject_context(&context, &mut carrier);
+    carrier.remove("traceparent")
 }
 
 /// Process-wide counters of the command pipeline.

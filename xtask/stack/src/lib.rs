@@ -7,6 +7,7 @@ pub mod api;
 pub mod bench;
 pub mod chaos;
 pub mod e2e;
+pub mod otlp;
 pub mod proxy;
 pub mod report;
 pub mod resources;

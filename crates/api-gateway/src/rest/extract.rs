@@ -35,11 +35,17 @@ impl FromRequestParts<AppState> for Authed {
             .headers
             .get("traceparent")
             .and_then(|v| parse_traceparent(v.as_bytes()));
-        Ok(Authed(Caller {
+        let route = parts
+            .extensions
+            .get::<axum::extract::MatchedPath>()
+            .map_or_else(|| parts.uri.path().to_owned(), |p| p.as_str().to_owned());
+        let operation = format!("{} {route}", parts.method);
+        Ok(Authed(Caller::new(
             principal,
             idempotency_key,
             traceparent,
-        }))
+            &operation,
+        )))
     }
 }
 

@@ -41,8 +41,39 @@ pub struct Caller {
     pub principal: Principal,
     /// `Idempotency-Key` header / `idempotency-key` metadata, already validated.
     pub idempotency_key: Option<String>,
-    /// W3C `traceparent`, stored with the command it causes.
+    /// W3C `traceparent` stored with the command this request causes: the request's own
+    /// span when traces are exported (so delivery and execution join its trace), else
+    /// the caller's as sent.
     pub traceparent: Option<String>,
+    /// The request's span (`api-gateway` in the trace), a child of the caller's
+    /// `traceparent`; it ends when the request's work does.
+    pub span: tracing::Span,
+}
+
+impl Caller {
+    /// A caller for one request named `operation` (`POST /api/v1/sessions`,
+    /// `streamspace.v1.SessionService/CreateSession`), continuing the caller's trace.
+    pub fn new(
+        principal: Principal,
+        idempotency_key: Option<String>,
+        client_traceparent: Option<String>,
+        operation: &str,
+    ) -> Self {
+        let span = tracing::info_span!(
+            "api request",
+            otel.name = operation,
+            otel.kind = "server",
+            user = %principal.user_id,
+        );
+        streamspace_core::telemetry::continue_trace(&span, client_traceparent.as_deref());
+        let traceparent = streamspace_core::telemetry::traceparent_of(&span).or(client_traceparent);
+        Self {
+            principal,
+            idempotency_key,
+            traceparent,
+            span,
+        }
+    }
 }
 
 /// Validates an `Idempotency-Key`: 1-255 visible ASCII characters.

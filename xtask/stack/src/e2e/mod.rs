@@ -10,6 +10,7 @@ mod command_retry;
 mod db_roles;
 mod heartbeat;
 mod kubernetes;
+mod observability;
 mod resources;
 mod throughput;
 mod up_supervisor;
@@ -98,6 +99,7 @@ pub const SCENARIOS: &[(&str, ScenarioFn)] = &[
         Box::pin(chaos::two_dispatchers(c, r))
     }),
     ("kubernetes-runtime", |c, r| Box::pin(kubernetes::run(c, r))),
+    ("observability", |c, r| Box::pin(observability::run(c, r))),
     ("up-supervisor", |c, r| Box::pin(up_supervisor::run(c, r))),
 ];
 

@@ -98,6 +98,7 @@ impl Inner {
     /// (forcing: the runtime owns the fields it sets), creating it when absent. A
     /// `resourceVersion` in `object` makes it conditional on that version (409 → `None`,
     /// to re-read and decide again).
+    #[tracing::instrument(name = "kubernetes apply", skip_all, fields(otel.kind = "client", resource = %resource, name = object.meta().name.as_deref().unwrap_or_default()))]
     pub(super) async fn apply<K>(
         &self,
         api: &Api<K>,
@@ -127,6 +128,7 @@ impl Inner {
     }
 
     /// Deletes the named object if it exists and is this session's; returns its uid.
+    #[tracing::instrument(name = "kubernetes delete", skip_all, fields(otel.kind = "client", resource = %resource, name = %name))]
     pub(super) async fn delete_if_ours<K>(
         &self,
         api: &Api<K>,
@@ -176,6 +178,7 @@ impl Inner {
 
     /// Sets the Deployment's replicas through `/scale`, on the version just read, so a
     /// concurrent change is noticed (409) and the decision re-made on fresh data.
+    #[tracing::instrument(name = "kubernetes scale", skip(self), fields(otel.kind = "client"))]
     pub(super) async fn scale(&self, session: &str, to: i32) -> Result<Deployment, RuntimeError> {
         for _ in 0..WRITE_ATTEMPTS {
             let deployment = match self.deployments.get_opt(session).await {

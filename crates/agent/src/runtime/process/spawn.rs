@@ -113,6 +113,7 @@ impl Inner {
         Err(RuntimeError::retryable("cannot find a free port"))
     }
 
+    #[tracing::instrument(name = "spawn session process", skip_all, fields(session_id = %session_id, template = %template_name))]
     pub(super) fn spawn(
         &self,
         session_id: &str,
