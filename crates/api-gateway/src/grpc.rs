@@ -100,6 +100,7 @@ async fn caller<T>(req: &Request<T>) -> Result<Caller, Status> {
         idempotency_key,
         traceparent,
         &operation,
+        None,
     ))
 }
 

@@ -11,6 +11,38 @@ use super::AppState;
 use crate::error::ApiError;
 use crate::service::{Caller, parse_idempotency_key, parse_traceparent};
 
+/// The request's span, made by [`trace_request`]; the caller's work runs in it.
+#[derive(Clone, Debug)]
+pub struct RequestSpan(pub tracing::Span);
+
+/// Runs each request in its span — a child of the client's `traceparent` — and answers
+/// with the span's own `traceparent`, so a client can find the request's trace.
+pub async fn trace_request(
+    mut req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use tracing::Instrument as _;
+    let client = req
+        .headers()
+        .get("traceparent")
+        .and_then(|v| parse_traceparent(v.as_bytes()));
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let span = crate::service::request_span(&format!("{} {route}", req.method()));
+    streamspace_core::telemetry::continue_trace(&span, client.as_deref());
+    req.extensions_mut().insert(RequestSpan(span.clone()));
+    let mut response = next.run(req).instrument(span.clone()).await;
+    span.record("http.response.status_code", response.status().as_u16());
+    if let Some(value) = streamspace_core::telemetry::traceparent_of(&span)
+        .and_then(|t| axum::http::HeaderValue::from_str(&t).ok())
+    {
+        response.headers_mut().insert("traceparent", value);
+    }
+    response
+}
+
 /// The authenticated caller of a request.
 #[derive(Debug)]
 pub struct Authed(pub Caller);
@@ -40,11 +72,13 @@ impl FromRequestParts<AppState> for Authed {
             .get::<axum::extract::MatchedPath>()
             .map_or_else(|| parts.uri.path().to_owned(), |p| p.as_str().to_owned());
         let operation = format!("{} {route}", parts.method);
+        let span = parts.extensions.get::<RequestSpan>().map(|s| s.0.clone());
         Ok(Authed(Caller::new(
             principal,
             idempotency_key,
             traceparent,
             &operation,
+            span,
         )))
     }
 }

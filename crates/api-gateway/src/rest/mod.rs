@@ -71,6 +71,8 @@ pub fn router(state: AppState) -> Router {
 
     let request_id = header::HeaderName::from_static("x-request-id");
     routes
+        // Each request in its span, continuing the client's trace (traceparent back).
+        .layer(axum::middleware::from_fn(extract::trace_request))
         // Counts and times every request by route and status.
         .layer(axum::middleware::from_fn_with_state(
             state.metrics.clone(),

@@ -52,20 +52,21 @@ pub struct Caller {
 
 impl Caller {
     /// A caller for one request named `operation` (`POST /api/v1/sessions`,
-    /// `streamspace.v1.SessionService/CreateSession`), continuing the caller's trace.
+    /// `streamspace.v1.SessionService/CreateSession`), in `span` when the edge made one
+    /// already (REST), else in a new one continuing the caller's trace.
     pub fn new(
         principal: Principal,
         idempotency_key: Option<String>,
         client_traceparent: Option<String>,
         operation: &str,
+        span: Option<tracing::Span>,
     ) -> Self {
-        let span = tracing::info_span!(
-            "api request",
-            otel.name = operation,
-            otel.kind = "server",
-            user = %principal.user_id,
-        );
-        streamspace_core::telemetry::continue_trace(&span, client_traceparent.as_deref());
+        let span = span.unwrap_or_else(|| {
+            let span = request_span(operation);
+            streamspace_core::telemetry::continue_trace(&span, client_traceparent.as_deref());
+            span
+        });
+        span.record("user", principal.user_id.as_str());
         let traceparent = streamspace_core::telemetry::traceparent_of(&span).or(client_traceparent);
         Self {
             principal,
@@ -74,6 +75,17 @@ impl Caller {
             span,
         }
     }
+}
+
+/// The span of one API request (`api-gateway` in a trace).
+pub fn request_span(operation: &str) -> tracing::Span {
+    tracing::info_span!(
+        "api request",
+        otel.name = operation,
+        otel.kind = "server",
+        user = tracing::field::Empty,
+        http.response.status_code = tracing::field::Empty,
+    )
 }
 
 /// Validates an `Idempotency-Key`: 1-255 visible ASCII characters.

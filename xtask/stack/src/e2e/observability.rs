@@ -57,7 +57,8 @@ fn one<'a>(
     })
 }
 
-/// Sends `method path` with the client's `traceparent`; returns the JSON answer.
+/// Sends `method path` with the client's `traceparent`; returns the JSON answer and the
+/// `traceparent` the gateway answered with.
 async fn traced(
     stack: &Stack,
     token: &str,
@@ -65,7 +66,7 @@ async fn traced(
     path: &str,
     body: Option<serde_json::Value>,
     (trace, span): (&str, &str),
-) -> anyhow::Result<serde_json::Value> {
+) -> anyhow::Result<(serde_json::Value, Option<String>)> {
     let mut request = reqwest::Client::new()
         .request(method, format!("{}{path}", stack.gateway_url()))
         .bearer_auth(token)
@@ -73,19 +74,26 @@ async fn traced(
     if let Some(body) = body {
         request = request.json(&body);
     }
-    Ok(request.send().await?.error_for_status()?.json().await?)
+    let response = request.send().await?.error_for_status()?;
+    let answered = response
+        .headers()
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    Ok((response.json().await?, answered))
 }
 
 /// Waits until the trace holds the gateway's request, the dispatcher's delivery and the
 /// agent's execution of `command`, then says whether each is the child of the one
 /// before (the first of the client's span) and whether any span of the command landed
-/// in another trace. `Ok` carries the execution span, `Err` what was wrong.
+/// in another trace. `Ok` carries the gateway's and the execution's spans, `Err` what
+/// was wrong.
 async fn one_trace(
     collector: &Collector,
     (trace, client_span): (&str, &str),
     gateway_span: &str,
     command: &str,
-) -> Result<CollectedSpan, String> {
+) -> Result<(CollectedSpan, CollectedSpan), String> {
     let found = until(
         "the command's spans from all three services",
         LIMIT,
@@ -131,7 +139,7 @@ async fn one_trace(
         && delivery.parent_span_id == gateway.span_id
         && execution.parent_span_id == delivery.span_id;
     if parented && strays == 0 {
-        Ok(execution)
+        Ok((gateway, execution))
     } else {
         Err(format!(
             "gateway {} (parent {}), delivery {} (parent {}), execution {} (parent {}), {strays} spans of the command in other traces",
@@ -152,7 +160,7 @@ async fn steps(
 ) -> anyhow::Result<()> {
     let token = stack.mint_token("olivia", false).await?;
     let api = Api::new(stack.gateway_url(), token.clone());
-    let created = traced(
+    let (created, answered) = traced(
         stack,
         &token,
         reqwest::Method::POST,
@@ -171,7 +179,7 @@ async fn steps(
 
     // The agent is down when the hibernate is accepted; it runs after the agent is back.
     stack.kill_agent(0).await;
-    let accepted = traced(
+    let (accepted, _) = traced(
         stack,
         &token,
         reqwest::Method::PUT,
@@ -199,7 +207,17 @@ async fn steps(
             later.as_ref().map_or_else(Clone::clone, |_| "one trace".to_owned()),
         ),
     );
-    let spawned = started.as_ref().is_ok_and(|execution| {
+    let expected = started.as_ref().map_or_else(
+        |_| "the gateway's request span".to_owned(),
+        |(gateway, _)| format!("00-{}-{}-01", START_TRACE.0, gateway.span_id),
+    );
+    r.check(
+        "traceparent answered",
+        answered.as_deref() == Some(expected.as_str()),
+        &expected,
+        answered.as_deref().unwrap_or("no traceparent header"),
+    );
+    let spawned = started.as_ref().is_ok_and(|(_, execution)| {
         collector.spans().iter().any(|s| {
             s.trace_id == START_TRACE.0
                 && s.service == "streamspace-agent"
