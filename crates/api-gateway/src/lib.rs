@@ -62,6 +62,8 @@ impl App {
         config
             .validate()
             .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+        // Before anything records: histograms recorded earlier would be lost.
+        let _ = streamspace_core::telemetry::metrics_handle();
         let verifier = Arc::new(
             Verifier::new(&config.auth)
                 .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?,

@@ -32,8 +32,63 @@ async fn ready(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
     }
 }
 
+/// Bounds the queue read a scrape makes: a slow database must not hold scrapes open.
+const QUEUE_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The (agent, status) pairs reported before, so one that emptied reads 0 rather than
+/// keeping its last value.
+static QUEUE_SERIES: std::sync::Mutex<std::collections::BTreeSet<(String, String)>> =
+    std::sync::Mutex::new(std::collections::BTreeSet::new());
+
+/// Sets the queue gauges from the database: open commands by agent and status, and the
+/// age of each agent's oldest pending command. The same numbers on every replica (they
+/// are the database's): aggregate them with `max`, not `sum`.
+async fn update_queue_gauges(shared: &Shared) {
+    let read = tokio::time::timeout(
+        QUEUE_READ_TIMEOUT,
+        streamspace_core::queue::queue_depth(shared.queue.pool()),
+    )
+    .await;
+    let depth = match read {
+        Ok(Ok(depth)) => depth,
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "reading the queue depth for /metrics failed");
+            metrics::counter!("streamspace_queue_depth_read_errors_total").increment(1);
+            return;
+        }
+        Err(_) => {
+            metrics::counter!("streamspace_queue_depth_read_errors_total").increment(1);
+            return;
+        }
+    };
+    let mut series = QUEUE_SERIES.lock().unwrap_or_else(|p| p.into_inner());
+    let mut now = std::collections::BTreeSet::new();
+    let mut ages: std::collections::BTreeMap<String, f64> = std::collections::BTreeMap::new();
+    for d in &depth {
+        metrics::gauge!("streamspace_queue_commands", "agent_id" => d.agent_id.clone(), "status" => d.status.clone())
+            .set(d.commands as f64);
+        now.insert((d.agent_id.clone(), d.status.clone()));
+        if d.status == "pending" {
+            ages.insert(d.agent_id.clone(), d.oldest_pending_age_seconds);
+        }
+    }
+    for (agent, status) in series.difference(&now) {
+        metrics::gauge!("streamspace_queue_commands", "agent_id" => agent.clone(), "status" => status.clone())
+            .set(0.0);
+    }
+    let agents: std::collections::BTreeSet<&String> =
+        series.iter().chain(now.iter()).map(|(a, _)| a).collect();
+    for agent in agents {
+        let age = ages.get(agent).copied().unwrap_or(0.0);
+        metrics::gauge!("streamspace_queue_oldest_pending_age_seconds", "agent_id" => agent.clone())
+            .set(age);
+    }
+    series.extend(now);
+}
+
 async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
-    let mut text = streamspace_core::telemetry::METRICS.render_prometheus();
+    update_queue_gauges(&shared).await;
+    let mut text = streamspace_core::telemetry::render_metrics();
     text.push_str(
         "# HELP streamspace_dispatcher_agent_connections agent streams held by this replica\n\
          # TYPE streamspace_dispatcher_agent_connections gauge\n",

@@ -98,6 +98,8 @@ impl App {
         config
             .validate()
             .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+        // Before anything records: histograms recorded earlier would be lost.
+        let _ = streamspace_core::telemetry::metrics_handle();
         let pool = db::connect(&config.database)
             .await
             .context("connecting to the database")?;

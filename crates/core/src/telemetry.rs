@@ -88,6 +88,7 @@ pub fn init_tracing(service: &str, default_filter: &str, json: bool) -> Telemetr
     } else {
         fmt.boxed()
     };
+    let _ = metrics_handle();
     let mut guard = TelemetryGuard::default();
     let otel = if otlp_requested() {
         match otlp_provider(service) {
@@ -142,6 +143,62 @@ pub fn traceparent_of(span: &tracing::Span) -> Option<String> {
     let mut carrier = std::collections::HashMap::new();
     TraceContextPropagator::new().inject_context(&context, &mut carrier);
     carrier.remove("traceparent")
+}
+
+/// Upper bounds (seconds) of every latency histogram: from a millisecond (a command
+/// delivered to a connected agent) to an hour (one queued while its agent was down).
+pub const LATENCY_BUCKETS: [f64; 18] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    300.0, 1800.0, 3600.0,
+];
+
+static PROMETHEUS: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
+    std::sync::OnceLock::new();
+
+/// The process's metrics recorder (the `metrics` facade, rendered by
+/// `metrics-exporter-prometheus`), installed on first use; call it at start-up, before
+/// anything records. Histograms get [`LATENCY_BUCKETS`].
+pub fn metrics_handle() -> &'static metrics_exporter_prometheus::PrometheusHandle {
+    PROMETHEUS.get_or_init(|| {
+        let builder = metrics_exporter_prometheus::PrometheusBuilder::new();
+        let builder = match builder.set_buckets(&LATENCY_BUCKETS) {
+            Ok(b) => b,
+            Err(_) => metrics_exporter_prometheus::PrometheusBuilder::new(),
+        };
+        let recorder = builder.build_recorder();
+        let handle = recorder.handle();
+        if metrics::set_global_recorder(recorder).is_err() {
+            tracing::warn!(
+                "a metrics recorder was installed before; /metrics shows only the counters"
+            );
+        }
+        handle
+    })
+}
+
+/// Everything this process measures, in Prometheus text format: the pipeline counters
+/// and whatever was recorded through the `metrics` facade (histograms, gauges).
+pub fn render_metrics() -> String {
+    let mut text = METRICS.render_prometheus();
+    text.push_str(&metrics_handle().render());
+    text
+}
+
+/// Records how long a command waited from acceptance to its first delivery, or counts
+/// a redelivery (a later attempt, or a lease that lapsed).
+pub(crate) fn record_delivery(attempt: i32, accepted: chrono::DateTime<chrono::Utc>) {
+    if attempt <= 1 {
+        let waited = (chrono::Utc::now() - accepted).to_std().unwrap_or_default();
+        metrics::histogram!("streamspace_command_accept_to_delivered_seconds")
+            .record(waited.as_secs_f64());
+    } else {
+        metrics::counter!("streamspace_command_redeliveries_total").increment(1);
+    }
+}
+
+/// Records how long a command took from acceptance to its completion.
+pub(crate) fn record_completion(seconds: f64) {
+    metrics::histogram!("streamspace_command_accept_to_completed_seconds").record(seconds.max(0.0));
 }
 
 /// Process-wide counters of the command pipeline.

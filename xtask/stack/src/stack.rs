@@ -461,19 +461,20 @@ impl Stack {
                 port(self.options.default_ports, 9090)?,
             ),
         };
-        let mut env = self.gateway_env();
-        env.push((
-            "STREAMSPACE_HTTP__LISTEN".into(),
-            format!("127.0.0.1:{http_port}"),
-        ));
-        env.push((
-            "STREAMSPACE_GRPC__LISTEN".into(),
-            format!("127.0.0.1:{grpc_port}"),
-        ));
-        env.push((
-            "STREAMSPACE_HTTP__METRICS_LISTEN".into(),
-            "127.0.0.1:0".into(),
-        ));
+        // The stack's defaults first, so `gateway_env` (inside `gateway_env()`, pushed
+        // after them) can override any of them: the later setting wins.
+        let mut env = vec![
+            (
+                "STREAMSPACE_HTTP__LISTEN".into(),
+                format!("127.0.0.1:{http_port}"),
+            ),
+            (
+                "STREAMSPACE_GRPC__LISTEN".into(),
+                format!("127.0.0.1:{grpc_port}"),
+            ),
+            ("STREAMSPACE_HTTP__METRICS_LISTEN".into(), "127.0.0.1:0".into()),
+        ];
+        env.extend(self.gateway_env());
         let spec = Spec {
             name: "api-gateway".into(),
             program: bin_dir()?.join("streamspace-api-gateway"),

@@ -474,8 +474,7 @@ pub fn metrics_router(state: AppState) -> Router {
 
 /// Prometheus text: the pipeline counters of this process and per-route request metrics.
 async fn metrics_text(State(state): State<AppState>) -> Response {
-    let mut text = streamspace_core::telemetry::METRICS.render_prometheus();
-    text.push_str(&state.metrics.render());
+    let mut text = streamspace_core::telemetry::render_metrics();
     text.push_str(&format!(
         "# HELP streamspace_api_watch_reads_total rows read for notified changes (one per change, shared by its watchers)\n# TYPE streamspace_api_watch_reads_total counter\nstreamspace_api_watch_reads_total {}\n",
         state.api.watch_reads()

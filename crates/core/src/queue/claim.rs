@@ -166,6 +166,9 @@ impl CommandQueue {
         }
         batch.commands.sort_by_key(|c| c.seq);
         add(&METRICS.commands_claimed, batch.commands.len() as u64);
+        for c in &batch.commands {
+            crate::telemetry::record_delivery(c.attempts, c.created_at);
+        }
         if !bad.is_empty() {
             // The decoded commands are leased already: a failed quarantine must not drop
             // them. The undecodable rows stay `sent` under this claim's lease; nobody

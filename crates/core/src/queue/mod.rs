@@ -23,6 +23,7 @@ mod enqueue;
 mod maintenance;
 mod notify;
 mod record;
+mod stats;
 mod transition;
 
 use std::time::Duration;
@@ -36,6 +37,7 @@ pub use enqueue::{Enqueued, NewCommand};
 pub use maintenance::{Released, Rescued};
 pub use notify::{CommandListener, Wakeup};
 pub use record::CommandRecord;
+pub use stats::{QueueDepth, queue_depth};
 pub use transition::{Completion, Failure, FailureOutcome, Outcome, Rejection};
 
 /// Channel on which enqueue announces new work; the payload is the agent id. It is a hint

@@ -112,7 +112,7 @@ impl CommandQueue {
             .iter()
             .map(|c| c.result.clone().unwrap_or(serde_json::Value::Null))
             .collect();
-        let applied = sqlx::query_scalar!(
+        let applied = sqlx::query!(
             r#"
             UPDATE agent_commands c
             SET status = 'completed', completed_at = now(), updated_at = now(),
@@ -124,7 +124,8 @@ impl CommandQueue {
             WHERE c.command_id = l.command_id AND c.lease_token = l.token
               AND c.agent_id = l.agent_id AND c.lease_owner = l.owner
               AND c.status IN ('sent', 'ack')
-            RETURNING c.command_id
+            RETURNING c.command_id AS "command_id!",
+                      extract(epoch FROM c.completed_at - c.created_at)::float8 AS "seconds!"
             "#,
             &ids,
             &tokens,
@@ -134,6 +135,10 @@ impl CommandQueue {
         )
         .fetch_all(&self.pool)
         .await?;
+        for row in &applied {
+            crate::telemetry::record_completion(row.seconds);
+        }
+        let applied: Vec<String> = applied.into_iter().map(|r| r.command_id).collect();
         let n = applied.len() as u64;
         let out = self
             .classify(&leases, applied, &[CommandStatus::Completed])

@@ -3,7 +3,10 @@
 //! `traceparent`) while its agent is down, and once the agent is back and the command
 //! has run, the collector must hold one trace with the gateway's request span (a child
 //! of the client's), the dispatcher's delivery span (a child of the gateway's) and the
-//! agent's execution span (a child of the delivery).
+//! agent's execution span (a child of the delivery). Meanwhile `/metrics` of the
+//! dispatcher and the gateway are scraped and parsed: the age of the oldest pending
+//! command grows while the agent is down and is back to zero after the drain, and the
+//! latency histograms are real histograms.
 
 use std::time::Duration;
 
@@ -11,7 +14,46 @@ use super::{Ctx, until};
 use crate::api::Api;
 use crate::otlp::{CollectedSpan, Collector};
 use crate::report::ScenarioReport;
-use crate::stack::{Stack, StackOptions};
+use crate::stack::{Stack, StackOptions, free_port};
+
+/// Where the services serve `/metrics`.
+struct Scrape {
+    dispatcher: String,
+    gateway: String,
+}
+
+async fn scrape(url: &str) -> anyhow::Result<String> {
+    Ok(reqwest::get(url).await?.error_for_status()?.text().await?)
+}
+
+/// The value of the sample `name{labels}` in Prometheus text; `labels` is the exact
+/// label set as rendered (`agent_id="local-0"`), empty for none.
+fn sample(text: &str, name: &str, labels: &str) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (series, value) = l.rsplit_once(' ')?;
+        let (metric, found) = match series.split_once('{') {
+            Some((m, rest)) => (m, rest.trim_end_matches('}')),
+            None => (series, ""),
+        };
+        (metric == name && found == labels).then(|| value.parse().ok())?
+    })
+}
+
+/// Whether `name` is a histogram in `text`: its `# TYPE`, `_bucket` samples with `le`
+/// (`+Inf` among them), `_sum` and `_count`.
+fn is_histogram(text: &str, name: &str) -> bool {
+    let typed = text.contains(&format!("# TYPE {name} histogram"));
+    let bucket = format!("{name}_bucket{{");
+    let buckets = text.lines().filter(|l| l.starts_with(&bucket)).count();
+    let inf = text
+        .lines()
+        .any(|l| l.starts_with(&bucket) && l.contains("le=\"+Inf\""));
+    let sum = text.lines().any(|l| l.starts_with(&format!("{name}_sum")));
+    let count = text
+        .lines()
+        .any(|l| l.starts_with(&format!("{name}_count")));
+    typed && buckets > 1 && inf && sum && count
+}
 
 const LIMIT: Duration = Duration::from_secs(60);
 /// The client's traces and spans, as a browser or CLI would send them: one for the
@@ -21,6 +63,8 @@ const HIBERNATE_TRACE: (&str, &str) = ("5cf92f3577b34da6a3ce929d0e0e4737", "11f0
 
 pub async fn run(ctx: &Ctx, r: &mut ScenarioReport) -> anyhow::Result<()> {
     let collector = Collector::start().await?;
+    let dispatcher_metrics = free_port()?;
+    let gateway_metrics = free_port()?;
     let otel = vec![
         (
             "OTEL_EXPORTER_OTLP_ENDPOINT".to_owned(),
@@ -29,15 +73,24 @@ pub async fn run(ctx: &Ctx, r: &mut ScenarioReport) -> anyhow::Result<()> {
         // Export within a tenth of a second, not the default five.
         ("OTEL_BSP_SCHEDULE_DELAY".to_owned(), "100".to_owned()),
     ];
+    let with = |key: &str, port: u16| {
+        let mut env = otel.clone();
+        env.push((key.to_owned(), format!("127.0.0.1:{port}")));
+        env
+    };
     let mut stack = Stack::start(StackOptions {
         echo: ctx.echo,
         agent_env: otel.clone(),
-        dispatcher_env: otel.clone(),
-        gateway_env: otel,
+        dispatcher_env: with("STREAMSPACE_METRICS_LISTEN", dispatcher_metrics),
+        gateway_env: with("STREAMSPACE_HTTP__METRICS_LISTEN", gateway_metrics),
         ..StackOptions::new(ctx.database_url.clone(), ctx.run_dir.clone(), 1, 1)
     })
     .await?;
-    let result = steps(&mut stack, &collector, r).await;
+    let scrape = Scrape {
+        dispatcher: format!("http://127.0.0.1:{dispatcher_metrics}/metrics"),
+        gateway: format!("http://127.0.0.1:{gateway_metrics}/metrics"),
+    };
+    let result = steps(&mut stack, &collector, &scrape, r).await;
     stack.stop().await;
     result
 }
@@ -156,8 +209,10 @@ async fn one_trace(
 async fn steps(
     stack: &mut Stack,
     collector: &Collector,
+    metrics: &Scrape,
     r: &mut ScenarioReport,
 ) -> anyhow::Result<()> {
+    let agent = format!("agent_id=\"{}\"", stack.agents[0].agent_id);
     let token = stack.mint_token("olivia", false).await?;
     let api = Api::new(stack.gateway_url(), token.clone());
     let (created, answered) = traced(
@@ -192,10 +247,83 @@ async fn steps(
         .as_str()
         .unwrap_or_default()
         .to_owned();
+    // The age of the agent's oldest pending command grows while it is down.
+    let ((first, second), _) = until("the oldest pending command to age", LIMIT, || async {
+        let first = sample(
+            &scrape(&metrics.dispatcher).await?,
+            "streamspace_queue_oldest_pending_age_seconds",
+            &agent,
+        );
+        let Some(first) = first.filter(|age| *age > 0.0) else {
+            return Ok(None);
+        };
+        let second = sample(
+            &scrape(&metrics.dispatcher).await?,
+            "streamspace_queue_oldest_pending_age_seconds",
+            &agent,
+        );
+        Ok(second.filter(|s| *s > first).map(|s| (first, s)))
+    })
+    .await
+    .unwrap_or(((0.0, 0.0), Duration::ZERO));
+    let pending = sample(
+        &scrape(&metrics.dispatcher).await?,
+        "streamspace_queue_commands",
+        &format!("{agent},status=\"pending\""),
+    );
     stack.spawn_agent(0).await?;
     stack.wait_agent_online(0).await?;
     api.wait_state(&session, "hibernated", LIMIT).await?;
     let later = one_trace(collector, HIBERNATE_TRACE, "PUT ", &hibernate).await;
+    let drained = until("the queue gauges to show the drain", LIMIT, || async {
+        let text = scrape(&metrics.dispatcher).await?;
+        let age = sample(
+            &text,
+            "streamspace_queue_oldest_pending_age_seconds",
+            &agent,
+        );
+        let open = sample(
+            &text,
+            "streamspace_queue_commands",
+            &format!("{agent},status=\"pending\""),
+        );
+        Ok((age == Some(0.0) && open == Some(0.0)).then_some(()))
+    })
+    .await;
+    r.check(
+        "oldest pending age grows while the agent is down, zero after the drain",
+        first > 0.0 && second > first && pending == Some(1.0) && drained.is_ok(),
+        "grows with 1 pending, then 0 and 0 pending",
+        format!(
+            "{first:.3} s then {second:.3} s with {pending:?} pending; after the drain: {}",
+            if drained.is_ok() {
+                "0"
+            } else {
+                "not 0 within the limit"
+            }
+        ),
+    );
+    let dispatcher_text = scrape(&metrics.dispatcher).await?;
+    let gateway_text = scrape(&metrics.gateway).await?;
+    let completed = sample(
+        &dispatcher_text,
+        "streamspace_command_accept_to_completed_seconds_count",
+        "",
+    );
+    let histograms = is_histogram(
+        &dispatcher_text,
+        "streamspace_command_accept_to_completed_seconds",
+    ) && is_histogram(
+        &dispatcher_text,
+        "streamspace_command_accept_to_delivered_seconds",
+    ) && gateway_text
+        .contains("# TYPE streamspace_api_request_duration_seconds histogram");
+    r.check(
+        "latency histograms on /metrics",
+        histograms && completed.is_some_and(|n| n >= 2.0),
+        "accept→delivered, accept→completed (≥ 2 commands) and REST latency as histograms",
+        format!("histograms: {histograms}, completed count {completed:?}"),
+    );
 
     r.check(
         "one trace across gateway, dispatcher, agent",
