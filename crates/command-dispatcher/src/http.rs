@@ -86,8 +86,32 @@ async fn update_queue_gauges(shared: &Shared) {
     series.extend(now);
 }
 
+/// Sets `streamspace_agent_online{agent_id}` (1 online, 0 offline) for every registered
+/// agent, by the database's view (a heartbeat within `offline_after_ms`), and
+/// `streamspace_agent_active_sessions{agent_id}`. Agents are few (one per cluster), so
+/// the label set stays bounded.
+async fn update_agent_gauges(shared: &Shared) {
+    let read = tokio::time::timeout(
+        QUEUE_READ_TIMEOUT,
+        streamspace_core::agents::agent_list(shared.queue.pool(), shared.config.offline_after()),
+    )
+    .await;
+    match read {
+        Ok(Ok(agents)) => {
+            for a in agents {
+                metrics::gauge!("streamspace_agent_online", "agent_id" => a.agent_id.clone())
+                    .set(if a.online { 1.0 } else { 0.0 });
+                metrics::gauge!("streamspace_agent_active_sessions", "agent_id" => a.agent_id)
+                    .set(a.active_sessions as f64);
+            }
+        }
+        _ => metrics::counter!("streamspace_queue_depth_read_errors_total").increment(1),
+    }
+}
+
 async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
     update_queue_gauges(&shared).await;
+    update_agent_gauges(&shared).await;
     let mut text = streamspace_core::telemetry::render_metrics();
     text.push_str(
         "# HELP streamspace_dispatcher_agent_connections agent streams held by this replica\n\

@@ -172,8 +172,31 @@ pub fn metrics_handle() -> &'static metrics_exporter_prometheus::PrometheusHandl
                 "a metrics recorder was installed before; /metrics shows only the counters"
             );
         }
+        describe_metrics();
         handle
     })
+}
+
+/// Help texts and units of the facade's metrics, and their first (zero) samples, so a
+/// scrape shows every series from the start — an alert on a counter that has never
+/// moved still finds it.
+fn describe_metrics() {
+    use metrics::{Unit, describe_counter, describe_histogram};
+    describe_histogram!(
+        "streamspace_command_accept_to_delivered_seconds",
+        Unit::Seconds,
+        "time from a command's acceptance to its first delivery to an agent"
+    );
+    describe_histogram!(
+        "streamspace_command_accept_to_completed_seconds",
+        Unit::Seconds,
+        "time from a command's acceptance to its completion"
+    );
+    describe_counter!(
+        "streamspace_command_redeliveries_total",
+        "deliveries of a command after its first (retries, lapsed leases)"
+    );
+    metrics::counter!("streamspace_command_redeliveries_total").increment(0);
 }
 
 /// Everything this process measures, in Prometheus text format: the pipeline counters

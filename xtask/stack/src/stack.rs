@@ -472,7 +472,10 @@ impl Stack {
                 "STREAMSPACE_GRPC__LISTEN".into(),
                 format!("127.0.0.1:{grpc_port}"),
             ),
-            ("STREAMSPACE_HTTP__METRICS_LISTEN".into(), "127.0.0.1:0".into()),
+            (
+                "STREAMSPACE_HTTP__METRICS_LISTEN".into(),
+                "127.0.0.1:0".into(),
+            ),
         ];
         env.extend(self.gateway_env());
         let spec = Spec {

@@ -168,6 +168,14 @@ fn print_banner(stack: &Stack, user: &str, admin: &str, restart: &RestartPolicy)
             a.state_dir.display()
         );
     }
+    match std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT") {
+        Ok(endpoint) if !endpoint.trim().is_empty() => {
+            say!("traces        every service exports to {endpoint} (OTLP/gRPC)");
+        }
+        _ => say!(
+            "traces        off; to send them to a local collector (Jaeger, Tempo, otelcol):\n              OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:4317 cargo xtask up"
+        ),
+    }
     say!("\nuser token (user \"dev\"):\n  export STREAMSPACE_TOKEN={user}");
     say!("admin token (user \"ops\"):\n  export STREAMSPACE_ADMIN_TOKEN={admin}");
     say!("\n1. curl — create a session and watch it start:");

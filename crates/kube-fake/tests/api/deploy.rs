@@ -40,9 +40,11 @@ pub enum Object {
     HorizontalPodAutoscaler(HorizontalPodAutoscaler),
     /// Prometheus Operator `ServiceMonitor`: no typed struct; checked field by field.
     ServiceMonitor(Value),
+    /// Prometheus Operator `PrometheusRule`: checked in `deploy_observability.rs`.
+    PrometheusRule,
 }
 
-fn repo_root() -> PathBuf {
+pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
@@ -120,6 +122,7 @@ pub fn parse(value: &Value) -> Object {
         ("networking.k8s.io/v1", "NetworkPolicy") => Object::NetworkPolicy(typed(value)),
         ("cert-manager.io/v1", "Issuer" | "Certificate") => Object::CertManager(value.clone()),
         ("monitoring.coreos.com/v1", "ServiceMonitor") => Object::ServiceMonitor(value.clone()),
+        ("monitoring.coreos.com/v1", "PrometheusRule") => Object::PrometheusRule,
         ("autoscaling/v2", "HorizontalPodAutoscaler") => {
             Object::HorizontalPodAutoscaler(typed(value))
         }
@@ -186,6 +189,7 @@ fn rendered(dir: &Path) -> Rendered {
             }
             Object::HorizontalPodAutoscaler(h) => r.hpas.push(h),
             Object::ServiceMonitor(m) => r.service_monitors.push(m),
+            Object::PrometheusRule => {}
             Object::CertManager(v) => {
                 let key = (
                     v["kind"].as_str().unwrap_or("").to_owned(),

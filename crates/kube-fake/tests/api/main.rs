@@ -4,6 +4,7 @@
 mod apply;
 mod crud;
 mod deploy;
+mod deploy_observability;
 mod helpers;
 mod kubelet;
 mod process;

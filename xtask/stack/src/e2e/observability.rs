@@ -39,6 +39,24 @@ fn sample(text: &str, name: &str, labels: &str) -> Option<f64> {
     })
 }
 
+/// Every `streamspace_…` metric name in `text`, sorted.
+fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("streamspace_") {
+        let tail = &rest[at..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        // `streamspace_queue_*` in a comment names a family, not a metric.
+        if !tail[..end].ends_with('_') {
+            names.insert(tail[..end].to_owned());
+        }
+        rest = &tail[end..];
+    }
+    names
+}
+
 /// Whether `name` is a histogram in `text`: its `# TYPE`, `_bucket` samples with `le`
 /// (`+Inf` among them), `_sum` and `_count`.
 fn is_histogram(text: &str, name: &str) -> bool {
@@ -344,6 +362,33 @@ async fn steps(
         answered.as_deref() == Some(expected.as_str()),
         &expected,
         answered.as_deref().unwrap_or("no traceparent header"),
+    );
+    // The operator assets name only metrics that exist: every `streamspace_*` name in
+    // the alert rules and the dashboard is a series in these scrapes.
+    let assets = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/components");
+    let rules = std::fs::read_to_string(assets.join("prometheus-rules/rules.yaml"))?;
+    let dashboard = std::fs::read_to_string(assets.join("grafana-dashboards/streamspace.json"))?;
+    let dashboard_ok = serde_json::from_str::<serde_json::Value>(&dashboard).is_ok();
+    let scraped = format!("{dispatcher_text}{gateway_text}");
+    let mut missing: Vec<String> = metric_names(&format!("{rules}{dashboard}"))
+        .into_iter()
+        .filter(|name| {
+            !scraped.lines().any(|l| {
+                l.strip_prefix(name.as_str())
+                    .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+            })
+        })
+        .collect();
+    missing.dedup();
+    r.check(
+        "dashboard and alerts reference scraped metrics",
+        dashboard_ok && missing.is_empty(),
+        "valid JSON, every streamspace_* name exported",
+        if missing.is_empty() {
+            format!("dashboard JSON valid: {dashboard_ok}")
+        } else {
+            format!("not in any scrape: {missing:?}")
+        },
     );
     let spawned = started.as_ref().is_ok_and(|(_, execution)| {
         collector.spans().iter().any(|s| {
