@@ -96,9 +96,20 @@ pub async fn run(ctx: &Ctx, r: &mut ScenarioReport) -> anyhow::Result<()> {
         env.push((key.to_owned(), format!("127.0.0.1:{port}")));
         env
     };
+    // A template that takes two seconds to come up, so a start is surely in flight
+    // when the agent is killed (a forced redelivery).
+    let mut agent_env = otel.clone();
+    agent_env.extend([
+        ("STREAMSPACE_TEMPLATES__SLOW-BROWSER__PROGRAM".to_owned(), "sh".to_owned()),
+        (
+            "STREAMSPACE_TEMPLATES__SLOW-BROWSER__ARGS".to_owned(),
+            r#"["-c", "sleep 2 && exec \"$0\" serve-session --session \"$1\" --port \"$2\"", "{agent}", "{session}", "{port}"]"#
+                .to_owned(),
+        ),
+    ]);
     let mut stack = Stack::start(StackOptions {
         echo: ctx.echo,
-        agent_env: otel.clone(),
+        agent_env,
         dispatcher_env: with("STREAMSPACE_METRICS_LISTEN", dispatcher_metrics),
         gateway_env: with("STREAMSPACE_HTTP__METRICS_LISTEN", gateway_metrics),
         ..StackOptions::new(ctx.database_url.clone(), ctx.run_dir.clone(), 1, 1)
@@ -363,6 +374,38 @@ async fn steps(
         &expected,
         answered.as_deref().unwrap_or("no traceparent header"),
     );
+    // A forced redelivery: the agent dies while a start runs; after it is back the
+    // start is delivered again, and the counter moved by exactly that one.
+    let redeliveries = |text: &str| sample(text, "streamspace_command_redeliveries_total", "");
+    let before = redeliveries(&scrape(&metrics.dispatcher).await?);
+    let (slow, slow_start) = api.create_session("slow-browser").await?;
+    until("the slow start to be acknowledged", LIMIT, || async {
+        let status: String =
+            sqlx::query_scalar("SELECT status FROM agent_commands WHERE command_id = $1")
+                .bind(&slow_start)
+                .fetch_one(&stack.pool)
+                .await?;
+        Ok((status == "ack").then_some(()))
+    })
+    .await?;
+    stack.kill_agent(0).await;
+    stack.spawn_agent(0).await?;
+    stack.wait_agent_online(0).await?;
+    api.wait_state(&slow, "running", LIMIT).await?;
+    let after = redeliveries(&scrape(&metrics.dispatcher).await?);
+    let attempts: i32 =
+        sqlx::query_scalar("SELECT attempts FROM agent_commands WHERE command_id = $1")
+            .bind(&slow_start)
+            .fetch_one(&stack.pool)
+            .await?;
+    r.check(
+        "redeliveries equal the forced redeliveries",
+        before.is_some() && after.zip(before).map(|(a, b)| a - b) == Some(1.0) && attempts == 2,
+        "+1 (one start delivered again after the agent was killed mid-start)",
+        format!("{before:?} -> {after:?}, the start's attempts {attempts}"),
+    );
+    let dispatcher_text = scrape(&metrics.dispatcher).await?;
+
     // The operator assets name only metrics that exist: every `streamspace_*` name in
     // the alert rules and the dashboard is a series in these scrapes.
     let assets = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/components");
