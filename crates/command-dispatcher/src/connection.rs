@@ -128,6 +128,7 @@ pub async fn accept(
         let epoch = agents::agent_connect(shared.queue.pool(), &agent_id, &owner, &info)
             .await
             .map_err(|e| internal(&agent_id, e))?;
+        metrics::counter!("streamspace_dispatcher_agent_connects_total").increment(1);
         let served = handshake(
             &shared,
             &agent_id,
@@ -422,8 +423,12 @@ impl Connection {
                 }
             }
             tokio::select! {
-                () = self.wake.notified() => {}
-                () = tokio::time::sleep(self.shared.config.poll_interval()) => {}
+                () = self.wake.notified() => {
+                    metrics::counter!("streamspace_dispatcher_claim_wakeups_total", "cause" => "notify").increment(1);
+                }
+                () = tokio::time::sleep(self.shared.config.poll_interval()) => {
+                    metrics::counter!("streamspace_dispatcher_claim_wakeups_total", "cause" => "poll").increment(1);
+                }
                 _ = shutdown.changed() => return,
             }
         }
@@ -661,6 +666,19 @@ impl Connection {
 
     async fn clean_up(&self, ended: &Ended) {
         let agent_id = &self.agent_id;
+        // Bounded labels: why streams end, never which agent (flapping shows as rate).
+        let reason = match ended {
+            Ended::Superseded => "superseded",
+            Ended::Silent(_) => "silent",
+            Ended::Shutdown => "shutdown",
+            Ended::Revoked => "revoked",
+            Ended::DatabaseLost => "database_lost",
+            Ended::HeartbeatsFailing(_) => "heartbeats_failing",
+            Ended::AgentClosed => "agent_closed",
+            Ended::StreamError(_) => "stream_error",
+        };
+        metrics::counter!("streamspace_dispatcher_agent_disconnects_total", "reason" => reason)
+            .increment(1);
         match ended {
             Ended::Silent(d) => tracing::warn!(
                 agent_id,

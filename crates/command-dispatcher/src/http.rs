@@ -112,6 +112,11 @@ async fn update_agent_gauges(shared: &Shared) {
 async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
     update_queue_gauges(&shared).await;
     update_agent_gauges(&shared).await;
+    let pool = shared.queue.pool();
+    let idle = pool.num_idle() as f64;
+    metrics::gauge!("streamspace_db_pool_connections", "state" => "idle").set(idle);
+    metrics::gauge!("streamspace_db_pool_connections", "state" => "in_use")
+        .set((f64::from(pool.size()) - idle).max(0.0));
     let mut text = streamspace_core::telemetry::render_metrics();
     text.push_str(
         "# HELP streamspace_dispatcher_agent_connections agent streams held by this replica\n\

@@ -474,6 +474,11 @@ pub fn metrics_router(state: AppState) -> Router {
 
 /// Prometheus text: the pipeline counters of this process and per-route request metrics.
 async fn metrics_text(State(state): State<AppState>) -> Response {
+    let pool = state.api.pool();
+    let idle = pool.num_idle() as f64;
+    ::metrics::gauge!("streamspace_db_pool_connections", "state" => "idle").set(idle);
+    ::metrics::gauge!("streamspace_db_pool_connections", "state" => "in_use")
+        .set((f64::from(pool.size()) - idle).max(0.0));
     let mut text = streamspace_core::telemetry::render_metrics();
     text.push_str(&format!(
         "# HELP streamspace_api_watch_reads_total rows read for notified changes (one per change, shared by its watchers)\n# TYPE streamspace_api_watch_reads_total counter\nstreamspace_api_watch_reads_total {}\n",
