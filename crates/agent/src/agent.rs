@@ -179,6 +179,17 @@ impl Agent {
         let mut backoff = Backoff::new(self.config.reconnect_base(), self.config.reconnect_cap());
         let mut connections = 0u64;
         tracing::info!(dispatcher = %self.config.dispatcher_url, runtime = self.runtime.name(), "agent starting");
+        if let Some(addr) = self.config.metrics_listen {
+            let _ = streamspace_core::telemetry::metrics_handle();
+            match crate::metrics::serve(addr, shutdown.clone()).await {
+                Ok(bound) => tracing::info!(%bound, "serving /metrics"),
+                Err(e) => {
+                    return Err(crate::error::Error::Config(format!(
+                        "metrics_listen {addr}: cannot listen: {e}"
+                    )));
+                }
+            }
+        }
         let alive = tokio::spawn(crate::liveness::keep_alive(
             self.config.state_dir.clone(),
             Duration::from_millis(self.config.liveness_interval_ms),
@@ -272,6 +283,7 @@ impl Agent {
         self.executor.attach(outbound.sender.clone());
         self.state
             .send_replace(ConnectionState::Connected(connected));
+        crate::metrics::set_connected(true);
 
         let ping = Arc::new(Notify::new());
         let helpers = [
@@ -301,6 +313,7 @@ impl Agent {
             }
         };
         ended.welcomed = true;
+        crate::metrics::set_connected(false);
 
         if ended.stopping {
             // Running commands finish and queue their results while the stream is still

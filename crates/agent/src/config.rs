@@ -93,6 +93,8 @@ pub struct AgentConfig {
     pub remembered_commands: usize,
     /// Log JSON lines instead of human-readable text.
     pub log_json: bool,
+    /// Where to serve `/metrics` (Prometheus text); unset (the default) serves none.
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// Process runtime: between SIGTERM and SIGKILL when a session is stopped.
     pub stop_grace_ms: u64,
     /// Process runtime: host name put in session URLs.
@@ -139,6 +141,7 @@ impl Default for AgentConfig {
             shutdown_grace_ms: DEFAULT_SHUTDOWN_GRACE_MS,
             remembered_commands: DEFAULT_REMEMBERED_COMMANDS,
             log_json: false,
+            metrics_listen: None,
             stop_grace_ms: DEFAULT_STOP_GRACE_MS,
             advertise_host: "127.0.0.1".to_owned(),
             session_server: None,

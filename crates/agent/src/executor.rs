@@ -558,12 +558,24 @@ async fn execute(runtime: &Arc<dyn SessionRuntime>, job: Job) -> Outcome {
     let call = tokio::spawn(
         async move {
             tracing::info!("executing");
-            match &kind {
-                CommandKind::StartSession(spec) => runtime.start(&session_id, spec).await,
-                CommandKind::StopSession(spec) => runtime.stop(&session_id, spec).await,
-                CommandKind::HibernateSession(spec) => runtime.hibernate(&session_id, spec).await,
-                CommandKind::WakeSession(spec) => runtime.wake(&session_id, spec).await,
-            }
+            let started = std::time::Instant::now();
+            let (operation, result) = match &kind {
+                CommandKind::StartSession(spec) => {
+                    ("start", runtime.start(&session_id, spec).await)
+                }
+                CommandKind::StopSession(spec) => ("stop", runtime.stop(&session_id, spec).await),
+                CommandKind::HibernateSession(spec) => {
+                    ("hibernate", runtime.hibernate(&session_id, spec).await)
+                }
+                CommandKind::WakeSession(spec) => ("wake", runtime.wake(&session_id, spec).await),
+            };
+            let outcome = match &result {
+                Ok(_) => "ok",
+                Err(e) if e.retryable => "retryable",
+                Err(_) => "permanent",
+            };
+            crate::metrics::record_operation(operation, outcome, started.elapsed().as_secs_f64());
+            result
         }
         .instrument(span.clone()),
     );

@@ -30,6 +30,7 @@ mod error;
 pub mod executions;
 mod executor;
 pub mod liveness;
+pub mod metrics;
 mod private_fs;
 pub mod runtime;
 pub mod serve_session;

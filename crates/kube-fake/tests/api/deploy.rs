@@ -42,6 +42,8 @@ pub enum Object {
     ServiceMonitor(Value),
     /// Prometheus Operator `PrometheusRule`: checked in `deploy_observability.rs`.
     PrometheusRule,
+    /// Prometheus Operator `PodMonitor` (the agent's): its port checked against the pod.
+    PodMonitor(Value),
 }
 
 pub fn repo_root() -> PathBuf {
@@ -123,6 +125,7 @@ pub fn parse(value: &Value) -> Object {
         ("cert-manager.io/v1", "Issuer" | "Certificate") => Object::CertManager(value.clone()),
         ("monitoring.coreos.com/v1", "ServiceMonitor") => Object::ServiceMonitor(value.clone()),
         ("monitoring.coreos.com/v1", "PrometheusRule") => Object::PrometheusRule,
+        ("monitoring.coreos.com/v1", "PodMonitor") => Object::PodMonitor(value.clone()),
         ("autoscaling/v2", "HorizontalPodAutoscaler") => {
             Object::HorizontalPodAutoscaler(typed(value))
         }
@@ -161,6 +164,7 @@ struct Rendered {
     config_files: BTreeMap<String, String>,
     hpas: Vec<HorizontalPodAutoscaler>,
     service_monitors: Vec<Value>,
+    pod_monitors: Vec<Value>,
     /// The sessions namespace's enforced Pod Security level.
     session_namespace_enforce: Option<String>,
     /// cert-manager objects by kind and name.
@@ -190,6 +194,7 @@ fn rendered(dir: &Path) -> Rendered {
             Object::HorizontalPodAutoscaler(h) => r.hpas.push(h),
             Object::ServiceMonitor(m) => r.service_monitors.push(m),
             Object::PrometheusRule => {}
+            Object::PodMonitor(m) => r.pod_monitors.push(m),
             Object::CertManager(v) => {
                 let key = (
                     v["kind"].as_str().unwrap_or("").to_owned(),
@@ -509,10 +514,44 @@ fn check(dir: &Path) {
     );
     let policy = &r.policies["streamspace-agent"];
     let spec = policy.spec.as_ref().unwrap();
+    // Nothing dials the agent but the metrics scraper, on the port it serves /metrics.
+    let ingress = spec.ingress.as_deref().unwrap_or_default();
+    assert_eq!(ingress.len(), 1, "only the scraper reaches the agent");
+    let scraper = &ingress[0].from.as_ref().unwrap()[0];
     assert_eq!(
-        spec.ingress.as_deref().map(<[_]>::len),
-        Some(0),
-        "nothing dials the agent"
+        scraper
+            .namespace_selector
+            .as_ref()
+            .and_then(|s| s.match_labels.clone())
+            .unwrap_or_default()
+            .get("streamspace.io/scrapes-metrics")
+            .map(String::as_str),
+        Some("true")
+    );
+    let agent_port = ingress[0].ports.as_ref().unwrap()[0].port.clone();
+    let agent_pod = pod_spec(
+        &r.deployments["streamspace-agent"]
+            .spec
+            .as_ref()
+            .unwrap()
+            .template,
+    );
+    let metrics_port = agent_pod.containers[0]
+        .ports
+        .as_ref()
+        .and_then(|p| p.iter().find(|p| p.name.as_deref() == Some("http-metrics")))
+        .map(|p| p.container_port);
+    assert_eq!(
+        agent_port.map(|p| serde_json::to_value(p).unwrap()),
+        metrics_port.map(|p| serde_json::json!(p)),
+        "{overlay}: the agent's ingress opens exactly its metrics port"
+    );
+    assert!(
+        r.config_files["agent.toml"].contains(&format!(
+            "metrics_listen = \"0.0.0.0:{}\"",
+            metrics_port.unwrap_or_default()
+        )),
+        "{overlay}: the agent serves /metrics on the port its pod declares"
     );
     let egress = spec.egress.as_ref().unwrap();
     assert_eq!(egress.len(), 2, "dispatcher and API server only");
@@ -835,6 +874,31 @@ fn production_runs_three_replicas_and_carries_no_placeholder_secrets() {
         ["api-gateway", "command-dispatcher"],
         "production scrapes both"
     );
+    // The agent (no Service) by pod: its PodMonitor selects the agent's pods and names a
+    // port they declare.
+    assert_eq!(r.pod_monitors.len(), 1, "one PodMonitor, the agent's");
+    let m = &r.pod_monitors[0];
+    let selector: BTreeMap<String, String> =
+        serde_json::from_value(m["spec"]["selector"]["matchLabels"].clone()).unwrap();
+    let agent = &r.deployments["streamspace-agent"];
+    assert!(labels_match(&selector, &template_labels(agent)));
+    let declared: Vec<String> = pod_spec(&agent.spec.as_ref().unwrap().template).containers[0]
+        .ports
+        .iter()
+        .flatten()
+        .filter_map(|p| p.name.clone())
+        .collect();
+    for e in m["spec"]["podMetricsEndpoints"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        let port = e["port"].as_str().unwrap_or_default();
+        assert!(
+            declared.iter().any(|p| p == port),
+            "no port {port} on the agent's pod"
+        );
+    }
     // Spread over zones as well as nodes, insisting on both.
     for name in ["api-gateway", "command-dispatcher"] {
         let spec = pod_spec(&r.deployments[name].spec.as_ref().unwrap().template);

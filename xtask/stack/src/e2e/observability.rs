@@ -20,6 +20,7 @@ use crate::stack::{Stack, StackOptions, free_port};
 struct Scrape {
     dispatcher: String,
     gateway: String,
+    agent: String,
 }
 
 async fn scrape(url: &str) -> anyhow::Result<String> {
@@ -83,6 +84,7 @@ pub async fn run(ctx: &Ctx, r: &mut ScenarioReport) -> anyhow::Result<()> {
     let collector = Collector::start().await?;
     let dispatcher_metrics = free_port()?;
     let gateway_metrics = free_port()?;
+    let agent_metrics = free_port()?;
     let otel = vec![
         (
             "OTEL_EXPORTER_OTLP_ENDPOINT".to_owned(),
@@ -98,7 +100,7 @@ pub async fn run(ctx: &Ctx, r: &mut ScenarioReport) -> anyhow::Result<()> {
     };
     // A template that takes two seconds to come up, so a start is surely in flight
     // when the agent is killed (a forced redelivery).
-    let mut agent_env = otel.clone();
+    let mut agent_env = with("STREAMSPACE_METRICS_LISTEN", agent_metrics);
     agent_env.extend([
         ("STREAMSPACE_TEMPLATES__SLOW-BROWSER__PROGRAM".to_owned(), "sh".to_owned()),
         (
@@ -118,6 +120,7 @@ pub async fn run(ctx: &Ctx, r: &mut ScenarioReport) -> anyhow::Result<()> {
     let scrape = Scrape {
         dispatcher: format!("http://127.0.0.1:{dispatcher_metrics}/metrics"),
         gateway: format!("http://127.0.0.1:{gateway_metrics}/metrics"),
+        agent: format!("http://127.0.0.1:{agent_metrics}/metrics"),
     };
     let result = steps(&mut stack, &collector, &scrape, r).await;
     stack.stop().await;
@@ -412,7 +415,23 @@ async fn steps(
     let rules = std::fs::read_to_string(assets.join("prometheus-rules/rules.yaml"))?;
     let dashboard = std::fs::read_to_string(assets.join("grafana-dashboards/streamspace.json"))?;
     let dashboard_ok = serde_json::from_str::<serde_json::Value>(&dashboard).is_ok();
-    let scraped = format!("{dispatcher_text}{gateway_text}");
+    // The agent's own: the runtime's operations, timed, and its link.
+    let agent_text = scrape(&metrics.agent).await?;
+    let starts = sample(
+        &agent_text,
+        "streamspace_agent_runtime_operation_seconds_count",
+        "operation=\"start\",outcome=\"ok\"",
+    );
+    let connected = sample(&agent_text, "streamspace_agent_connected", "");
+    r.check(
+        "agent /metrics",
+        is_histogram(&agent_text, "streamspace_agent_runtime_operation_seconds")
+            && starts.is_some_and(|n| n >= 1.0)
+            && connected == Some(1.0),
+        "runtime operations as a histogram (≥ 1 start), connected = 1",
+        format!("starts {starts:?}, connected {connected:?}"),
+    );
+    let scraped = format!("{dispatcher_text}{gateway_text}{agent_text}");
     let mut missing: Vec<String> = metric_names(&format!("{rules}{dashboard}"))
         .into_iter()
         .filter(|name| {
