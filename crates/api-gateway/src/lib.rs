@@ -12,6 +12,7 @@ pub mod auth;
 pub mod config;
 pub mod error;
 pub mod grpc;
+pub mod grpc_metrics;
 pub mod jwks;
 pub mod ratelimit;
 pub mod rest;
@@ -250,6 +251,7 @@ impl App {
             // Watches are long-lived streams: find dead clients at the HTTP/2 layer too.
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .layer(grpc_metrics::GrpcMetricsLayer)
             .add_service(health_service)
             .add_service(reflection)
             .add_service(reflection_v1alpha)

@@ -238,6 +238,26 @@ async fn one_trace(
     }
 }
 
+/// One authenticated `ListSessions` over gRPC and one without a token; whether they
+/// were answered as expected.
+async fn grpc_calls(stack: &Stack, token: &str) -> anyhow::Result<bool> {
+    use streamspace_proto::api::v1 as pb;
+    let channel = tonic::transport::Endpoint::from_shared(stack.gateway_grpc_url())?
+        .connect()
+        .await?;
+    let mut client = pb::session_service_client::SessionServiceClient::new(channel);
+    let mut authed = tonic::Request::new(pb::ListSessionsRequest { limit: 0 });
+    authed
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse()?);
+    let ok = client.list_sessions(authed).await.is_ok();
+    let refused = client
+        .list_sessions(tonic::Request::new(pb::ListSessionsRequest { limit: 0 }))
+        .await
+        .is_err_and(|s| s.code() == tonic::Code::Unauthenticated);
+    Ok(ok && refused)
+}
+
 async fn steps(
     stack: &mut Stack,
     collector: &Collector,
@@ -335,8 +355,29 @@ async fn steps(
             }
         ),
     );
+    // Two gRPC calls, one refused: counted by method and status code.
+    let grpc = grpc_calls(stack, &token).await?;
     let dispatcher_text = scrape(&metrics.dispatcher).await?;
     let gateway_text = scrape(&metrics.gateway).await?;
+    let list = "/streamspace.api.v1.SessionService/ListSessions";
+    let ok = sample(
+        &gateway_text,
+        "streamspace_grpc_requests_total",
+        &format!("method=\"{list}\",code=\"0\""),
+    );
+    let refused = sample(
+        &gateway_text,
+        "streamspace_grpc_requests_total",
+        &format!("method=\"{list}\",code=\"16\""),
+    );
+    r.check(
+        "gRPC requests by method and code",
+        grpc && ok == Some(1.0)
+            && refused == Some(1.0)
+            && is_histogram(&gateway_text, "streamspace_grpc_request_duration_seconds"),
+        "ListSessions: 1 OK, 1 UNAUTHENTICATED (16), with a latency histogram",
+        format!("OK {ok:?}, UNAUTHENTICATED {refused:?}"),
+    );
     let completed = sample(
         &dispatcher_text,
         "streamspace_command_accept_to_completed_seconds_count",
