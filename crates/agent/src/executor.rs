@@ -545,6 +545,7 @@ async fn execute(runtime: &Arc<dyn SessionRuntime>, job: Job) -> Outcome {
         command_id = %job.command_id,
         session_id = %job.session_id,
         action = %job.kind.action(),
+        trace_id = tracing::field::Empty,
     );
     // A child of the dispatcher's delivery: the command's one trace, however long after
     // its acceptance it runs. Runtime calls (Kubernetes requests, spawns) nest inside.

@@ -95,12 +95,16 @@ async fn caller<T>(req: &Request<T>) -> Result<Caller, Status> {
         || "grpc".to_owned(),
         |m| format!("{}/{}", m.service(), m.method()),
     );
+    let span = req
+        .extensions()
+        .get::<crate::service::RequestSpan>()
+        .map(|s| s.0.clone());
     Ok(Caller::new(
         principal,
         idempotency_key,
         traceparent,
         &operation,
-        None,
+        span,
     ))
 }
 

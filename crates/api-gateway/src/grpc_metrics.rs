@@ -1,5 +1,7 @@
-//! gRPC request counts and latency by method and status code, as a tower layer on the
-//! gateway's tonic server (the REST side has its own middleware, `rest::metrics`).
+//! gRPC requests as a tower layer on the gateway's tonic server: each call runs in its
+//! request span (continuing the caller's `traceparent` metadata, and answering with the
+//! span's own), and is counted and timed by method and status code (the REST side has
+//! its own middleware, `rest::metrics` and `rest::extract::trace_request`).
 //!
 //! The code is the `grpc-status` the response starts with: a call that fails before its
 //! first message answers with it at once (trailers-only); one that starts normally is
@@ -43,12 +45,29 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
         let path = req.uri().path().to_owned();
         let started = Instant::now();
-        let call = self.inner.call(req);
+        let client = req
+            .headers()
+            .get("traceparent")
+            .and_then(|v| crate::service::parse_traceparent(v.as_bytes()));
+        let span = crate::service::request_span(path.trim_start_matches('/'));
+        streamspace_core::telemetry::continue_trace(&span, client.as_deref());
+        req.extensions_mut()
+            .insert(crate::service::RequestSpan(span.clone()));
+        let call = {
+            let _entered = span.enter();
+            self.inner.call(req)
+        };
         Box::pin(async move {
-            let response = call.await;
+            let mut response = tracing::Instrument::instrument(call, span.clone()).await;
+            if let Ok(r) = &mut response
+                && let Some(value) = streamspace_core::telemetry::traceparent_of(&span)
+                    .and_then(|t| http::HeaderValue::from_str(&t).ok())
+            {
+                r.headers_mut().insert("traceparent", value);
+            }
             let code = match &response {
                 Ok(r) => r
                     .headers()

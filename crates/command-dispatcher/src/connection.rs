@@ -273,6 +273,7 @@ async fn handshake(
         epoch,
         wake,
         in_flight: Mutex::new(HashMap::new()),
+        last_heartbeat: Mutex::new(None),
     };
     tokio::spawn(Arc::new(conn).run(inbound, tx, close_rx));
     Ok(ReceiverStream::new(rx))
@@ -311,6 +312,8 @@ struct Connection {
     /// Leases pushed on this connection whose result has not been written: command id →
     /// lease token.
     in_flight: Mutex<HashMap<String, i64>>,
+    /// When the agent's last heartbeat arrived, to measure the gaps between them.
+    last_heartbeat: Mutex<Option<Instant>>,
 }
 
 impl Connection {
@@ -390,6 +393,7 @@ impl Connection {
                                 session_id = cmd.session_id.as_deref().unwrap_or(""),
                                 action = cmd.kind.action().as_str(),
                                 attempt = cmd.attempts,
+                                trace_id = tracing::field::Empty,
                             );
                             streamspace_core::telemetry::continue_trace(
                                 &span,
@@ -566,6 +570,18 @@ impl Connection {
                 }
             }
             Some(Msg::Heartbeat(h)) => {
+                // The gap since the previous heartbeat: the configured interval when all
+                // is well; more is lag (a busy agent, a slow network, a stalled runtime).
+                let now = Instant::now();
+                let previous = self
+                    .last_heartbeat
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .replace(now);
+                if let Some(previous) = previous {
+                    metrics::histogram!("streamspace_dispatcher_heartbeat_gap_seconds")
+                        .record((now - previous).as_secs_f64());
+                }
                 if h.sessions.len() > MAX_INVENTORY {
                     tracing::warn!(agent_id = %self.agent_id, sessions = h.sessions.len(), "heartbeat inventory over the limit ignored");
                 } else if !h.inventory_unknown {

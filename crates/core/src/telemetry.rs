@@ -17,6 +17,10 @@ use tracing_subscriber::Layer as _;
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 
+/// Whether spans are exported (set once by [`init_tracing`]); while false, the trace
+/// helpers return at once, so tracing that is off costs a load of this flag.
+static EXPORTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// Keeps the trace exporter alive; dropping it flushes the spans not yet exported.
 /// Hold it in `main` until the service has shut down.
 #[derive(Debug, Default)]
@@ -115,27 +119,39 @@ pub fn init_tracing(service: &str, default_filter: &str, json: bool) -> Telemetr
         // Another subscriber was first (tests): this one's exporter would see nothing.
         guard.provider = None;
     }
+    EXPORTING.store(guard.provider.is_some(), Ordering::Relaxed);
     guard
 }
 
 /// Makes `span` a child of the W3C `traceparent` (`00-<trace>-<span>-<flags>`) when it
 /// is one, so the span joins the trace of whoever sent it — the request that created a
-/// command, hours ago if the agent was down. Without an exporter it does nothing.
+/// command, hours ago if the agent was down. Also records the span's trace id in its
+/// `trace_id` field (when the span declares one), so log lines in the span carry it.
+/// Without an exporter it does nothing.
 pub fn continue_trace(span: &tracing::Span, traceparent: Option<&str>) {
-    let Some(traceparent) = traceparent else {
+    if !EXPORTING.load(Ordering::Relaxed) {
         return;
-    };
-    let carrier =
-        std::collections::HashMap::from([("traceparent".to_owned(), traceparent.to_owned())]);
-    let parent = TraceContextPropagator::new().extract(&carrier);
-    if parent.span().span_context().is_valid() {
-        let _ = span.set_parent(parent);
+    }
+    if let Some(traceparent) = traceparent {
+        let carrier =
+            std::collections::HashMap::from([("traceparent".to_owned(), traceparent.to_owned())]);
+        let parent = TraceContextPropagator::new().extract(&carrier);
+        if parent.span().span_context().is_valid() {
+            let _ = span.set_parent(parent);
+        }
+    }
+    let trace_id = span.context().span().span_context().trace_id();
+    if trace_id != opentelemetry::trace::TraceId::INVALID {
+        span.record("trace_id", tracing::field::display(trace_id));
     }
 }
 
 /// The W3C `traceparent` naming `span`, when spans are exported (and `span` is
 /// sampled-in or not); `None` without an exporter, so callers pass on what they got.
 pub fn traceparent_of(span: &tracing::Span) -> Option<String> {
+    if !EXPORTING.load(Ordering::Relaxed) {
+        return None;
+    }
     let context = span.context();
     if !context.span().span_context().is_valid() {
         return None;
@@ -199,9 +215,49 @@ fn describe_metrics() {
     metrics::counter!("streamspace_command_redeliveries_total").increment(0);
 }
 
+/// The standard process metrics (`process_*`, as Prometheus client libraries name
+/// them), read from `/proc/self` at scrape time; nothing where there is no `/proc`.
+fn record_process_metrics() {
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+        return;
+    };
+    let kib = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse::<f64>().ok())
+    };
+    if let Some(rss) = kib("VmRSS:") {
+        metrics::gauge!("process_resident_memory_bytes").set(rss * 1024.0);
+    }
+    if let Some(virt) = kib("VmSize:") {
+        metrics::gauge!("process_virtual_memory_bytes").set(virt * 1024.0);
+    }
+    if let Some(threads) = kib("Threads:") {
+        metrics::gauge!("process_threads").set(threads);
+    }
+    if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+        metrics::gauge!("process_open_fds").set(fds.count() as f64);
+    }
+    // utime and stime (fields 14 and 15) in clock ticks of 1/100 s (USER_HZ on Linux);
+    // the fields after the command name, which may hold spaces, in parentheses.
+    if let Ok(stat) = std::fs::read_to_string("/proc/self/stat")
+        && let Some((_, after)) = stat.rsplit_once(')')
+    {
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
+        if let (Some(user), Some(system)) = (ticks(11), ticks(12)) {
+            metrics::gauge!("process_cpu_seconds_total").set((user + system) as f64 / 100.0);
+        }
+    }
+}
+
 /// Everything this process measures, in Prometheus text format: the pipeline counters
-/// and whatever was recorded through the `metrics` facade (histograms, gauges).
+/// and whatever was recorded through the `metrics` facade (histograms, gauges), and the
+/// process's own resource use.
 pub fn render_metrics() -> String {
+    record_process_metrics();
     let mut text = METRICS.render_prometheus();
     text.push_str(&metrics_handle().render());
     text

@@ -9,11 +9,7 @@ use serde::de::DeserializeOwned;
 
 use super::AppState;
 use crate::error::ApiError;
-use crate::service::{Caller, parse_idempotency_key, parse_traceparent};
-
-/// The request's span, made by [`trace_request`]; the caller's work runs in it.
-#[derive(Clone, Debug)]
-pub struct RequestSpan(pub tracing::Span);
+use crate::service::{Caller, RequestSpan, parse_idempotency_key, parse_traceparent};
 
 /// Runs each request in its span — a child of the client's `traceparent` — and answers
 /// with the span's own `traceparent`, so a client can find the request's trace.

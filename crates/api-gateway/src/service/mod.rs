@@ -77,6 +77,11 @@ impl Caller {
     }
 }
 
+/// The span of one API request, made by the edge (REST middleware, gRPC layer) and
+/// found by the handler in the request's extensions.
+#[derive(Clone, Debug)]
+pub struct RequestSpan(pub tracing::Span);
+
 /// The span of one API request (`api-gateway` in a trace).
 pub fn request_span(operation: &str) -> tracing::Span {
     tracing::info_span!(
@@ -85,6 +90,7 @@ pub fn request_span(operation: &str) -> tracing::Span {
         otel.kind = "server",
         user = tracing::field::Empty,
         http.response.status_code = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
     )
 }
 

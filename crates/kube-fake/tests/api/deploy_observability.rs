@@ -86,7 +86,7 @@ fn production_ships_the_alerts_with_runbooks_and_the_dashboard() {
             assert!(
                 t["expr"]
                     .as_str()
-                    .is_some_and(|e| e.contains("streamspace_")),
+                    .is_some_and(|e| e.contains("streamspace_") || e.contains("process_")),
                 "panel {}: {t}",
                 panel["title"]
             );

@@ -40,11 +40,19 @@ fn sample(text: &str, name: &str, labels: &str) -> Option<f64> {
     })
 }
 
-/// Every `streamspace_…` metric name in `text`, sorted.
+/// Every `streamspace_…` and `process_…` metric name in `text`, sorted.
 fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
     let mut names = std::collections::BTreeSet::new();
+    for prefix in ["streamspace_", "process_"] {
+        names.extend(names_with(text, prefix));
+    }
+    names
+}
+
+fn names_with(text: &str, prefix: &str) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
     let mut rest = text;
-    while let Some(at) = rest.find("streamspace_") {
+    while let Some(at) = rest.find(prefix) {
         let tail = &rest[at..];
         let end = tail
             .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
@@ -79,6 +87,7 @@ const LIMIT: Duration = Duration::from_secs(60);
 /// start (agent up), one for a hibernate accepted while the agent is down.
 const START_TRACE: (&str, &str) = ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7");
 const HIBERNATE_TRACE: (&str, &str) = ("5cf92f3577b34da6a3ce929d0e0e4737", "11f067aa0ba902b8");
+const GRPC_TRACE: (&str, &str) = ("6df92f3577b34da6a3ce929d0e0e4738", "22f067aa0ba902b9");
 
 pub async fn run(ctx: &Ctx, r: &mut ScenarioReport) -> anyhow::Result<()> {
     let collector = Collector::start().await?;
@@ -250,7 +259,18 @@ async fn grpc_calls(stack: &Stack, token: &str) -> anyhow::Result<bool> {
     authed
         .metadata_mut()
         .insert("authorization", format!("Bearer {token}").parse()?);
-    let ok = client.list_sessions(authed).await.is_ok();
+    let (trace, span) = GRPC_TRACE;
+    authed
+        .metadata_mut()
+        .insert("traceparent", format!("00-{trace}-{span}-01").parse()?);
+    // The answer names the gateway's span in the caller's trace.
+    let ok = client.list_sessions(authed).await.is_ok_and(|answer| {
+        answer
+            .metadata()
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|t| t.starts_with(&format!("00-{trace}-")) && !t.contains(span))
+    });
     let refused = client
         .list_sessions(tonic::Request::new(pb::ListSessionsRequest { limit: 0 }))
         .await
@@ -375,7 +395,7 @@ async fn steps(
         grpc && ok == Some(1.0)
             && refused == Some(1.0)
             && is_histogram(&gateway_text, "streamspace_grpc_request_duration_seconds"),
-        "ListSessions: 1 OK, 1 UNAUTHENTICATED (16), with a latency histogram",
+        "ListSessions: 1 OK (answering its traceparent), 1 UNAUTHENTICATED (16), with a latency histogram",
         format!("OK {ok:?}, UNAUTHENTICATED {refused:?}"),
     );
     let completed = sample(
@@ -473,6 +493,14 @@ async fn steps(
         format!("starts {starts:?}, connected {connected:?}"),
     );
     let scraped = format!("{dispatcher_text}{gateway_text}{agent_text}");
+    let rss = [&dispatcher_text, &gateway_text, &agent_text]
+        .map(|t| sample(t, "process_resident_memory_bytes", "").unwrap_or(0.0));
+    r.check(
+        "process metrics on every service",
+        rss.iter().all(|b| *b > 0.0),
+        "process_resident_memory_bytes > 0 for dispatcher, gateway, agent",
+        format!("{rss:?}"),
+    );
     let mut missing: Vec<String> = metric_names(&format!("{rules}{dashboard}"))
         .into_iter()
         .filter(|name| {
@@ -486,7 +514,7 @@ async fn steps(
     r.check(
         "dashboard and alerts reference scraped metrics",
         dashboard_ok && missing.is_empty(),
-        "valid JSON, every streamspace_* name exported",
+        "valid JSON, every streamspace_* and process_* name exported",
         if missing.is_empty() {
             format!("dashboard JSON valid: {dashboard_ok}")
         } else {
