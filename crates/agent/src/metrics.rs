@@ -26,6 +26,7 @@ pub fn set_connected(connected: bool) {
 }
 
 async fn render() -> impl IntoResponse {
+    let _scrape = streamspace_core::telemetry::scrape_lock().await;
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         streamspace_core::telemetry::render_metrics(),

@@ -110,6 +110,7 @@ async fn update_agent_gauges(shared: &Shared) {
 }
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
+    let _scrape = streamspace_core::telemetry::scrape_lock().await;
     update_queue_gauges(&shared).await;
     update_agent_gauges(&shared).await;
     let pool = shared.queue.pool();
@@ -117,33 +118,23 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
     metrics::gauge!("streamspace_db_pool_connections", "state" => "idle").set(idle);
     metrics::gauge!("streamspace_db_pool_connections", "state" => "in_use")
         .set((f64::from(pool.size()) - idle).max(0.0));
-    let mut text = streamspace_core::telemetry::render_metrics();
-    text.push_str(
-        "# HELP streamspace_dispatcher_agent_connections agent streams held by this replica\n\
-         # TYPE streamspace_dispatcher_agent_connections gauge\n",
+    use streamspace_core::telemetry::{publish_counter, publish_gauge};
+    publish_gauge(
+        "streamspace_dispatcher_agent_connections",
+        "agent streams held by this replica",
+        shared.registry.len() as f64,
     );
-    text.push_str(&format!(
-        "streamspace_dispatcher_agent_connections {}\n",
-        shared.registry.len()
-    ));
     let stats = &shared.stats;
-    let gauges = [
-        (
-            "streamspace_dispatcher_handshakes_in_progress",
-            "agent connections authenticated and not yet welcomed",
-            stats.handshakes_in_progress.load(Ordering::Relaxed).max(0) as u64,
-        ),
-        (
-            "streamspace_dispatcher_database_ready",
-            "1 while this replica can reach its database",
-            u64::from(*shared.db_ok.borrow()),
-        ),
-    ];
-    for (name, help, value) in gauges {
-        text.push_str(&format!(
-            "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}\n"
-        ));
-    }
+    publish_gauge(
+        "streamspace_dispatcher_handshakes_in_progress",
+        "agent connections authenticated and not yet welcomed",
+        stats.handshakes_in_progress.load(Ordering::Relaxed).max(0) as f64,
+    );
+    publish_gauge(
+        "streamspace_dispatcher_database_ready",
+        "1 while this replica can reach its database",
+        f64::from(u8::from(*shared.db_ok.borrow())),
+    );
     let counters = [
         (
             "streamspace_dispatcher_report_write_errors_total",
@@ -189,10 +180,8 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
         .into_iter()
         .chain(tls_counters.into_iter().flatten())
     {
-        text.push_str(&format!(
-            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}\n",
-            value.load(Ordering::Relaxed)
-        ));
+        publish_counter(name, help, value.load(Ordering::Relaxed));
     }
+    let text = streamspace_core::telemetry::render_metrics();
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
 }

@@ -1,10 +1,10 @@
 //! Logging set-up, the process-wide counters every service exports, and the one
 //! shutdown signal every service waits on.
 //!
-//! Counters are plain atomics so that `core` stays free of any exporter; services render
-//! them on `/metrics` in Prometheus text format via [`Metrics::render_prometheus`].
+//! The pipeline counters are plain atomics (tests read them directly); at scrape time they
+//! are handed to the `metrics` recorder, and `metrics-exporter-prometheus` renders them
+//! with every histogram and gauge ([`render_metrics`]).
 
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use opentelemetry::propagation::TextMapPropagator;
@@ -258,9 +258,8 @@ fn record_process_metrics() {
 /// process's own resource use.
 pub fn render_metrics() -> String {
     record_process_metrics();
-    let mut text = METRICS.render_prometheus();
-    text.push_str(&metrics_handle().render());
-    text
+    METRICS.publish();
+    metrics_handle().render()
 }
 
 /// Records how long a command waited from acceptance to its first delivery, or counts
@@ -385,15 +384,35 @@ impl Metrics {
         ]
     }
 
-    /// The counters in Prometheus text exposition format.
-    pub fn render_prometheus(&self) -> String {
-        let mut out = String::new();
+    /// Hands the counters to the `metrics` recorder (as absolute values), which renders
+    /// them with everything else.
+    pub fn publish(&self) {
         for (name, help, value) in self.rows() {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
-            let _ = writeln!(out, "{name} {}", value.load(Ordering::Relaxed));
+            publish_counter(name, help, value.load(Ordering::Relaxed));
         }
-        out
     }
+}
+
+/// Held by a `/metrics` handler from publishing its values to rendering them. The
+/// recorder is one per process; a process holding several services (tests) must not let
+/// one's scrape render values another has just published.
+static SCRAPE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Serializes this process's scrapes; hold the guard until [`render_metrics`] returned.
+pub async fn scrape_lock() -> tokio::sync::MutexGuard<'static, ()> {
+    SCRAPE.lock().await
+}
+
+/// Publishes a counter kept elsewhere (an atomic) through the `metrics` recorder.
+pub fn publish_counter(name: &'static str, help: &'static str, value: u64) {
+    metrics::describe_counter!(name, help);
+    metrics::counter!(name).absolute(value);
+}
+
+/// Publishes a gauge read at scrape time through the `metrics` recorder.
+pub fn publish_gauge(name: &'static str, help: &'static str, value: f64) {
+    metrics::describe_gauge!(name, help);
+    metrics::gauge!(name).set(value);
 }
 
 /// Resolves on SIGINT or SIGTERM: the one shutdown trigger of every service binary.

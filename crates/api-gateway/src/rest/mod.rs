@@ -474,27 +474,37 @@ pub fn metrics_router(state: AppState) -> Router {
 
 /// Prometheus text: the pipeline counters of this process and per-route request metrics.
 async fn metrics_text(State(state): State<AppState>) -> Response {
+    let _scrape = streamspace_core::telemetry::scrape_lock().await;
     let pool = state.api.pool();
     let idle = pool.num_idle() as f64;
     ::metrics::gauge!("streamspace_db_pool_connections", "state" => "idle").set(idle);
     ::metrics::gauge!("streamspace_db_pool_connections", "state" => "in_use")
         .set((f64::from(pool.size()) - idle).max(0.0));
-    let mut text = streamspace_core::telemetry::render_metrics();
-    text.push_str(&format!(
-        "# HELP streamspace_api_watch_reads_total rows read for notified changes (one per change, shared by its watchers)\n# TYPE streamspace_api_watch_reads_total counter\nstreamspace_api_watch_reads_total {}\n",
-        state.api.watch_reads()
-    ));
+    use streamspace_core::telemetry::{publish_counter, publish_gauge};
+    publish_counter(
+        "streamspace_api_watch_reads_total",
+        "rows read for notified changes (one per change, shared by its watchers)",
+        state.api.watch_reads(),
+    );
     if let Some(jwks) = state.verifier.jwks() {
         use std::sync::atomic::Ordering::Relaxed;
-        text.push_str(&format!(
-            "# HELP streamspace_api_jwks_keys signing keys held from the JWKS\n# TYPE streamspace_api_jwks_keys gauge\nstreamspace_api_jwks_keys {}\n\
-             # HELP streamspace_api_jwks_fetches_total JWKS fetches (start-up, periodic, unknown kid)\n# TYPE streamspace_api_jwks_fetches_total counter\nstreamspace_api_jwks_fetches_total {}\n\
-             # HELP streamspace_api_jwks_fetch_failures_total JWKS fetches that failed (the previous keys stayed)\n# TYPE streamspace_api_jwks_fetch_failures_total counter\nstreamspace_api_jwks_fetch_failures_total {}\n",
-            jwks.key_count(),
+        publish_gauge(
+            "streamspace_api_jwks_keys",
+            "signing keys held from the JWKS",
+            jwks.key_count() as f64,
+        );
+        publish_counter(
+            "streamspace_api_jwks_fetches_total",
+            "JWKS fetches (start-up, periodic, unknown kid)",
             jwks.fetches.load(Relaxed),
+        );
+        publish_counter(
+            "streamspace_api_jwks_fetch_failures_total",
+            "JWKS fetches that failed (the previous keys stayed)",
             jwks.fetch_failures.load(Relaxed),
-        ));
+        );
     }
+    let text = streamspace_core::telemetry::render_metrics();
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
