@@ -274,6 +274,17 @@ pub(crate) fn record_delivery(attempt: i32, accepted: chrono::DateTime<chrono::U
     }
 }
 
+/// Marks, in the command's trace, that its result was written (a span of the writing
+/// service, a child of the span the command was accepted in). Nothing while no traces
+/// are exported.
+pub(crate) fn result_applied(command_id: &str, trace_context: Option<&str>) {
+    if !EXPORTING.load(Ordering::Relaxed) || trace_context.is_none() {
+        return;
+    }
+    let span = tracing::info_span!("apply result", command_id, trace_id = tracing::field::Empty);
+    continue_trace(&span, trace_context);
+}
+
 /// Records how long a command took from acceptance to its completion.
 pub(crate) fn record_completion(seconds: f64) {
     metrics::histogram!("streamspace_command_accept_to_completed_seconds").record(seconds.max(0.0));

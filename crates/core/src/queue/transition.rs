@@ -125,7 +125,8 @@ impl CommandQueue {
               AND c.agent_id = l.agent_id AND c.lease_owner = l.owner
               AND c.status IN ('sent', 'ack')
             RETURNING c.command_id AS "command_id!",
-                      extract(epoch FROM c.completed_at - c.created_at)::float8 AS "seconds!"
+                      extract(epoch FROM c.completed_at - c.created_at)::float8 AS "seconds!",
+                      c.trace_context
             "#,
             &ids,
             &tokens,
@@ -137,6 +138,7 @@ impl CommandQueue {
         .await?;
         for row in &applied {
             crate::telemetry::record_completion(row.seconds);
+            crate::telemetry::result_applied(&row.command_id, row.trace_context.as_deref());
         }
         let applied: Vec<String> = applied.into_iter().map(|r| r.command_id).collect();
         let n = applied.len() as u64;

@@ -177,9 +177,10 @@ async fn traced(
     Ok((response.json().await?, answered))
 }
 
-/// Waits until the trace holds the gateway's request, the dispatcher's delivery and the
-/// agent's execution of `command`, then says whether each is the child of the one
-/// before (the first of the client's span) and whether any span of the command landed
+/// Waits until the trace holds the gateway's request, the dispatcher's delivery, the
+/// agent's execution of `command` and the dispatcher's applying its result, then says
+/// whether each is the child of the one before (the first of the client's span, the
+/// result's of the request) and whether any span of the command landed
 /// in another trace. `Ok` carries the gateway's and the execution's spans, `Err` what
 /// was wrong.
 async fn one_trace(
@@ -193,20 +194,23 @@ async fn one_trace(
         LIMIT,
         || async {
             let spans = collector.spans();
-            let execution = spans.iter().find(|s| {
-                s.trace_id == trace
-                    && s.service == "streamspace-agent"
-                    && s.name == "execute command"
-                    && s.attribute("command_id") == Some(command)
-            });
+            let of_command = |service: &str, name: &str| {
+                spans.iter().find(|s| {
+                    s.trace_id == trace
+                        && s.service == service
+                        && s.name == name
+                        && s.attribute("command_id") == Some(command)
+                })
+            };
             Ok(
                 match (
                     one(&spans, trace, "api-gateway", gateway_span),
                     one(&spans, trace, "command-dispatcher", "deliver command"),
-                    execution,
+                    of_command("streamspace-agent", "execute command"),
+                    of_command("command-dispatcher", "apply result"),
                 ) {
-                    (Some(g), Some(d), Some(e)) => {
-                        Some((g.clone(), d.clone(), e.clone(), spans.clone()))
+                    (Some(g), Some(d), Some(e), Some(a)) => {
+                        Some((g.clone(), d.clone(), e.clone(), a.clone(), spans.clone()))
                     }
                     _ => None,
                 },
@@ -214,7 +218,7 @@ async fn one_trace(
         },
     )
     .await;
-    let ((gateway, delivery, execution, spans), _) = found.map_err(|e| {
+    let ((gateway, delivery, execution, applied, spans), _) = found.map_err(|e| {
         let spans = collector.spans();
         format!(
             "{e}; collected {} spans: {:?}",
@@ -231,18 +235,20 @@ async fn one_trace(
         .count();
     let parented = gateway.parent_span_id == client_span
         && delivery.parent_span_id == gateway.span_id
-        && execution.parent_span_id == delivery.span_id;
+        && execution.parent_span_id == delivery.span_id
+        && applied.parent_span_id == gateway.span_id;
     if parented && strays == 0 {
         Ok((gateway, execution))
     } else {
         Err(format!(
-            "gateway {} (parent {}), delivery {} (parent {}), execution {} (parent {}), {strays} spans of the command in other traces",
+            "gateway {} (parent {}), delivery {} (parent {}), execution {} (parent {}), result applied (parent {}), {strays} spans of the command in other traces",
             gateway.span_id,
             gateway.parent_span_id,
             delivery.span_id,
             delivery.parent_span_id,
             execution.span_id,
             execution.parent_span_id,
+            applied.parent_span_id,
         ))
     }
 }
@@ -421,7 +427,7 @@ async fn steps(
     r.check(
         "one trace across gateway, dispatcher, agent",
         started.is_ok() && later.is_ok(),
-        "client → gateway request → delivery → execution in one trace, also when delivered after the agent came back",
+        "client → gateway request → delivery → execution (and the result applied) in one trace, also when delivered after the agent came back",
         format!(
             "start: {}; hibernate accepted while the agent was down: {}",
             started.as_ref().map_or_else(Clone::clone, |_| "one trace".to_owned()),
