@@ -77,6 +77,8 @@ pub struct Enqueued {
 impl CommandQueue {
     /// Accepts `cmd` within the caller's transaction and announces it to the dispatchers
     /// (the notification is delivered only if the transaction commits).
+    /// A span of its own (`enqueue command`), a child of the request that accepts it.
+    #[tracing::instrument(name = "enqueue command", skip_all, fields(agent_id = %cmd.agent_id, session_id = cmd.session_id.as_deref().unwrap_or("")))]
     pub async fn command_enqueue(conn: &mut PgConnection, cmd: &NewCommand) -> Result<Enqueued> {
         let payload = cmd.kind.payload();
         cmd.validate(&payload)?;

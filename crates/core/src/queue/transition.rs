@@ -204,7 +204,7 @@ impl CommandQueue {
                 updated_at = now()
             FROM decided d
             WHERE c.command_id = d.command_id
-            RETURNING c.command_id, c.status, c.next_attempt_at
+            RETURNING c.command_id, c.status, c.next_attempt_at, c.trace_context
             "#,
             &ids,
             &tokens,
@@ -220,6 +220,7 @@ impl CommandQueue {
 
         let mut applied: HashMap<String, FailureOutcome> = HashMap::new();
         for row in rows {
+            crate::telemetry::result_applied(&row.command_id, row.trace_context.as_deref());
             let outcome = if row.status == "pending" {
                 add(&METRICS.commands_retried, 1);
                 FailureOutcome::Retrying {

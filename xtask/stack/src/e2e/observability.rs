@@ -208,17 +208,22 @@ async fn one_trace(
                     one(&spans, trace, "command-dispatcher", "deliver command"),
                     of_command("streamspace-agent", "execute command"),
                     of_command("command-dispatcher", "apply result"),
+                    one(&spans, trace, "api-gateway", "enqueue command"),
                 ) {
-                    (Some(g), Some(d), Some(e), Some(a)) => {
-                        Some((g.clone(), d.clone(), e.clone(), a.clone(), spans.clone()))
-                    }
+                    (Some(g), Some(d), Some(e), Some(a), Some(q)) => Some((
+                        (g.clone(), q.clone()),
+                        d.clone(),
+                        e.clone(),
+                        a.clone(),
+                        spans.clone(),
+                    )),
                     _ => None,
                 },
             )
         },
     )
     .await;
-    let ((gateway, delivery, execution, applied, spans), _) = found.map_err(|e| {
+    let (((gateway, enqueue), delivery, execution, applied, spans), _) = found.map_err(|e| {
         let spans = collector.spans();
         format!(
             "{e}; collected {} spans: {:?}",
@@ -236,14 +241,16 @@ async fn one_trace(
     let parented = gateway.parent_span_id == client_span
         && delivery.parent_span_id == gateway.span_id
         && execution.parent_span_id == delivery.span_id
-        && applied.parent_span_id == gateway.span_id;
+        && applied.parent_span_id == gateway.span_id
+        && enqueue.parent_span_id == gateway.span_id;
     if parented && strays == 0 {
         Ok((gateway, execution))
     } else {
         Err(format!(
-            "gateway {} (parent {}), delivery {} (parent {}), execution {} (parent {}), result applied (parent {}), {strays} spans of the command in other traces",
+            "gateway {} (parent {}), enqueue (parent {}), delivery {} (parent {}), execution {} (parent {}), result applied (parent {}), {strays} spans of the command in other traces",
             gateway.span_id,
             gateway.parent_span_id,
+            enqueue.parent_span_id,
             delivery.span_id,
             delivery.parent_span_id,
             execution.span_id,
