@@ -280,7 +280,8 @@ impl Agent {
         };
         tracing::info!(agent_id = %connected.agent_id, epoch = connected.epoch, heartbeat_ms = heartbeat_interval.as_millis() as u64,
             max_in_flight = connected.max_in_flight, "connected to the dispatcher");
-        self.executor.attach(outbound.sender.clone());
+        self.executor
+            .attach(outbound.sender.clone(), &connected.agent_id);
         self.state
             .send_replace(ConnectionState::Connected(connected));
         crate::metrics::set_connected(true);

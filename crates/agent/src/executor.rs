@@ -95,6 +95,8 @@ struct Job {
     deadline_unix_ms: i64,
     /// W3C `traceparent` of the delivery, so the execution joins the command's trace.
     trace_context: Option<String>,
+    /// The agent executing it (for the span and its log lines).
+    agent_id: String,
 }
 
 /// A newly delivered command, to be started (queued) after its `Ack` went out, so the
@@ -121,6 +123,8 @@ struct State {
     sessions: HashMap<String, VecDeque<Job>>,
     /// The current connection's writer; `None` while disconnected.
     outbound: Option<mpsc::Sender<proto::AgentMessage>>,
+    /// The agent's id as the dispatcher named it, for the execution spans.
+    agent_id: String,
     /// Counts finished commands; heartbeats use it to tell which listings are stale.
     finish_seq: u64,
     /// Set at shutdown: nothing new starts.
@@ -179,9 +183,12 @@ impl Executor {
         lock(&self.inner.state)
     }
 
-    /// Results from now on go to `outbound` (the new connection's writer).
-    pub fn attach(&self, outbound: mpsc::Sender<proto::AgentMessage>) {
-        self.state().outbound = Some(outbound);
+    /// Results from now on go to `outbound` (the new connection's writer); `agent_id`
+    /// is what the dispatcher welcomed this agent as.
+    pub fn attach(&self, outbound: mpsc::Sender<proto::AgentMessage>, agent_id: &str) {
+        let mut state = self.state();
+        state.outbound = Some(outbound);
+        state.agent_id = agent_id.to_owned();
     }
 
     /// The connection is gone: results are kept, not sent, until redelivery.
@@ -292,7 +299,8 @@ impl Executor {
             return delivery;
         }
         match decode(&cmd) {
-            Ok(job) => {
+            Ok(mut job) => {
+                job.agent_id = state.agent_id.clone();
                 state.commands.insert(
                     cmd.command_id.clone(),
                     Entry {
@@ -467,6 +475,7 @@ fn decode(cmd: &proto::Command) -> Result<Job, Outcome> {
         kind,
         deadline_unix_ms: cmd.deadline_unix_ms,
         trace_context: Some(cmd.trace_context.clone()).filter(|t| !t.is_empty()),
+        agent_id: String::new(),
     })
 }
 
@@ -542,6 +551,7 @@ async fn execute(runtime: &Arc<dyn SessionRuntime>, job: Job) -> Outcome {
     let span = tracing::info_span!(
         "execute command",
         otel.kind = "consumer",
+        agent_id = %job.agent_id,
         command_id = %job.command_id,
         session_id = %job.session_id,
         action = %job.kind.action(),
@@ -689,7 +699,7 @@ mod tests {
         let runtime = Arc::new(FakeRuntime::default());
         let executor = Executor::new(runtime.clone(), 100);
         let (tx, rx) = mpsc::channel(64);
-        executor.attach(tx.clone());
+        executor.attach(tx.clone(), "local-0");
         Harness {
             runtime,
             executor,
@@ -852,7 +862,7 @@ mod tests {
         })
         .await
         .unwrap();
-        h.executor.attach(h.tx.clone());
+        h.executor.attach(h.tx.clone(), "local-0");
         h.deliver(command("cmd-1", Some("s1"), "start_session", 2))
             .await;
         assert!(matches!(h.next().await, Msg::Ack(a) if a.lease_token == 2));
