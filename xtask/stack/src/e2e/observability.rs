@@ -241,7 +241,9 @@ async fn one_trace(
     let parented = gateway.parent_span_id == client_span
         && delivery.parent_span_id == gateway.span_id
         && execution.parent_span_id == delivery.span_id
-        && execution.attribute("agent_id").is_some_and(|a| !a.is_empty())
+        && execution
+            .attribute("agent_id")
+            .is_some_and(|a| !a.is_empty())
         && applied.parent_span_id == gateway.span_id
         && enqueue.parent_span_id == gateway.span_id;
     if parented && strays == 0 {
