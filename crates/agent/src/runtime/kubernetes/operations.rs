@@ -228,22 +228,7 @@ impl Inner {
     /// by an older agent is scaled through `/scale`.
     pub(super) async fn wake(&self, session: &str) -> Result<Observation, RuntimeError> {
         for _ in 0..WRITE_ATTEMPTS {
-            let deployment = match self.deployments.get_opt(session).await {
-                Ok(Some(d)) => d,
-                Ok(None) => return Err(unknown_session(session)),
-                Err(e) => return Err(self.fail(e, "get", "deployments", session)),
-            };
-            if !is_ours(&deployment.metadata, session) {
-                return Err(RuntimeError::permanent(format!(
-                    "deployment {}/{session} does not belong to session {session}",
-                    self.namespace
-                )));
-            }
-            if deployment.metadata.deletion_timestamp.is_some() {
-                return Err(RuntimeError::permanent(format!(
-                    "session {session} is being stopped"
-                )));
-            }
+            let deployment = self.live_deployment(session).await?;
             if replicas(&deployment) > 0 && failure_of(&deployment).is_none() {
                 // Already up (a repeated wake): never re-applied, that would restart it.
                 return self.settle_existing(session, &deployment).await;

@@ -176,27 +176,34 @@ impl Inner {
         )))
     }
 
+    /// The session's Deployment as the API server has it now: refused when absent, not
+    /// the session's, or being deleted (a stop is under way).
+    pub(super) async fn live_deployment(&self, session: &str) -> Result<Deployment, RuntimeError> {
+        let deployment = match self.deployments.get_opt(session).await {
+            Ok(Some(d)) => d,
+            Ok(None) => return Err(unknown_session(session)),
+            Err(e) => return Err(self.fail(e, "get", "deployments", session)),
+        };
+        if !is_ours(&deployment.metadata, session) {
+            return Err(RuntimeError::permanent(format!(
+                "deployment {}/{session} does not belong to session {session}",
+                self.namespace
+            )));
+        }
+        if deployment.metadata.deletion_timestamp.is_some() {
+            return Err(RuntimeError::permanent(format!(
+                "session {session} is being stopped"
+            )));
+        }
+        Ok(deployment)
+    }
+
     /// Sets the Deployment's replicas through `/scale`, on the version just read, so a
     /// concurrent change is noticed (409) and the decision re-made on fresh data.
     #[tracing::instrument(name = "kubernetes scale", skip(self), fields(otel.kind = "client"))]
     pub(super) async fn scale(&self, session: &str, to: i32) -> Result<Deployment, RuntimeError> {
         for _ in 0..WRITE_ATTEMPTS {
-            let deployment = match self.deployments.get_opt(session).await {
-                Ok(Some(d)) => d,
-                Ok(None) => return Err(unknown_session(session)),
-                Err(e) => return Err(self.fail(e, "get", "deployments", session)),
-            };
-            if !is_ours(&deployment.metadata, session) {
-                return Err(RuntimeError::permanent(format!(
-                    "deployment {}/{session} does not belong to session {session}",
-                    self.namespace
-                )));
-            }
-            if deployment.metadata.deletion_timestamp.is_some() {
-                return Err(RuntimeError::permanent(format!(
-                    "session {session} is being stopped"
-                )));
-            }
+            let deployment = self.live_deployment(session).await?;
             if replicas(&deployment) == to {
                 return Ok(deployment);
             }
