@@ -366,6 +366,7 @@ impl Agent {
             .iter()
             .map(|a| a.as_str().to_owned())
             .collect();
+        capabilities.push(streamspace_proto::agent::v1::PIPELINE_CAPABILITY.to_owned());
         capabilities.extend(self.runtime.capabilities());
         let hello = proto::Hello {
             agent_version: env!("CARGO_PKG_VERSION").to_owned(),

@@ -15,6 +15,9 @@ pub const DEFAULT_HEARTBEAT_INTERVAL_MS: u64 = 5_000;
 pub const DEFAULT_OFFLINE_AFTER_MS: u64 = 15_000;
 /// Default number of commands outstanding per agent connection.
 pub const DEFAULT_MAX_IN_FLIGHT: u32 = 64;
+/// Default per-session pipeline depth: a session's oldest unfinished command and up to 15
+/// queued behind it travel together to agents that can run them in order.
+pub const DEFAULT_PIPELINE_DEPTH: u32 = 16;
 /// Default interval of the polling safety net behind LISTEN/NOTIFY.
 pub const DEFAULT_POLL_INTERVAL_MS: u64 = 1_000;
 /// Default number of failed database probes in a row before the replica gives up its
@@ -37,6 +40,10 @@ pub struct DispatcherConfig {
     pub heartbeat_interval_ms: u64,
     pub offline_after_ms: u64,
     pub max_in_flight: u32,
+    /// Commands of one session delivered together (the oldest unfinished one and those
+    /// queued right behind it), to agents whose `Hello` lists the `pipeline` capability;
+    /// 1 turns pipelining off. See docs/protocol.md, "Pipelining".
+    pub pipeline_depth: u32,
     pub poll_interval_ms: u64,
     pub max_message_bytes: usize,
     /// Consecutive failed database probes (one per heartbeat interval, each bounded by it)
@@ -65,6 +72,7 @@ impl Default for DispatcherConfig {
             heartbeat_interval_ms: DEFAULT_HEARTBEAT_INTERVAL_MS,
             offline_after_ms: DEFAULT_OFFLINE_AFTER_MS,
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            pipeline_depth: DEFAULT_PIPELINE_DEPTH,
             poll_interval_ms: DEFAULT_POLL_INTERVAL_MS,
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             db_failures_before_unready: DEFAULT_DB_FAILURES_BEFORE_UNREADY,
@@ -108,6 +116,9 @@ impl DispatcherConfig {
         }
         if self.max_in_flight == 0 || self.max_in_flight > 10_000 {
             return Err("max_in_flight must be 1..=10000".into());
+        }
+        if self.pipeline_depth == 0 || self.pipeline_depth > 1_000 {
+            return Err("pipeline_depth must be 1..=1000 (1: no pipelining)".into());
         }
         if self.db_failures_before_unready == 0 {
             return Err("db_failures_before_unready must be at least 1".into());

@@ -272,6 +272,15 @@ async fn handshake(
         owner: owner.to_owned(),
         epoch,
         wake,
+        pipeline_depth: if hello
+            .capabilities
+            .iter()
+            .any(|c| c == pb::PIPELINE_CAPABILITY)
+        {
+            i64::from(shared.config.pipeline_depth)
+        } else {
+            1
+        },
         in_flight: Mutex::new(HashMap::new()),
         last_heartbeat: Mutex::new(None),
     };
@@ -309,6 +318,9 @@ struct Connection {
     owner: String,
     epoch: i64,
     wake: Arc<Notify>,
+    /// Commands of one session claimed together: the configured depth when the agent can
+    /// run pipelined commands (its `Hello` lists [`PIPELINE_CAPABILITY`]), else 1.
+    pipeline_depth: i64,
     /// Leases pushed on this connection whose result has not been written: command id →
     /// lease token.
     in_flight: Mutex<HashMap<String, i64>>,
@@ -376,6 +388,7 @@ impl Connection {
                     owner: &self.owner,
                     limit: free as i64,
                     epoch: Some(self.epoch),
+                    pipeline_depth: self.pipeline_depth,
                 };
                 match self.shared.queue.command_claim(params).await {
                     Ok(batch) => {
@@ -563,6 +576,10 @@ impl Connection {
                             message: f.message,
                             retryable: f.retryable,
                         }));
+                    }
+                    Some(pb::command_result::Outcome::NotRun(n)) => {
+                        tracing::debug!(agent_id = %self.agent_id, command_id = %r.command_id, reason = %n.reason, "pipelined command not run; back to the queue");
+                        backlog.push_back(Report::NotRun(lease));
                     }
                     None => {
                         tracing::warn!(agent_id = %self.agent_id, command_id = %r.command_id, "result without an outcome ignored");

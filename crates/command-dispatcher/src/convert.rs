@@ -15,6 +15,11 @@ pub fn command_to_proto(cmd: &Command) -> pb::Command {
         attempt: u32::try_from(cmd.attempts).unwrap_or(0),
         deadline_unix_ms: cmd.expires_at.map_or(0, |t| t.timestamp_millis()),
         trace_context: cmd.trace_context.clone().unwrap_or_default(),
+        after_command_id: cmd
+            .after
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
     }
 }
 

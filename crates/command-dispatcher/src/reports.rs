@@ -30,6 +30,8 @@ pub(crate) enum Report {
     /// A completion, with what the runtime observed once it took effect.
     Completed(Completion, Option<Observation>),
     Failed(Failure),
+    /// A pipelined command the agent did not run (its predecessor did not complete).
+    NotRun(Lease),
     Observations(Vec<Observation>),
 }
 
@@ -87,6 +89,7 @@ async fn write_command_reports<'a>(
     let mut completions = Vec::new();
     let mut observed = Vec::new();
     let mut failures = Vec::new();
+    let mut not_run = Vec::new();
     for r in segment {
         match r {
             Report::Ack(lease) => acks.push(lease.clone()),
@@ -95,6 +98,7 @@ async fn write_command_reports<'a>(
                 observed.extend(o.clone());
             }
             Report::Failed(f) => failures.push(f.clone()),
+            Report::NotRun(lease) => not_run.push(lease.clone()),
             Report::Observations(_) => {}
         }
     }
@@ -136,6 +140,12 @@ async fn write_command_reports<'a>(
                 .iter()
                 .map(|f| (f.lease.command_id.to_string(), f.lease.token)),
         );
+    }
+    // Last: a command not run goes back behind its predecessor, whose outcome (written
+    // above when it came in the same batch) decides when it is delivered again.
+    if !not_run.is_empty() {
+        log_rejections(agent_id, "not-run", queue.command_not_run(&not_run).await?);
+        finished.extend(not_run.iter().map(|l| (l.command_id.to_string(), l.token)));
     }
     Ok(())
 }

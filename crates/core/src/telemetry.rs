@@ -300,6 +300,9 @@ pub struct Metrics {
     pub commands_completed: AtomicU64,
     pub commands_failed: AtomicU64,
     pub commands_retried: AtomicU64,
+    /// Pipelined commands the agent did not run (their predecessor did not complete),
+    /// returned to the queue without an attempt.
+    pub commands_not_run: AtomicU64,
     /// Transitions refused because the presented lease was stale.
     pub stale_lease_rejections: AtomicU64,
     pub leases_released: AtomicU64,
@@ -317,6 +320,7 @@ pub static METRICS: Metrics = Metrics {
     commands_completed: AtomicU64::new(0),
     commands_failed: AtomicU64::new(0),
     commands_retried: AtomicU64::new(0),
+    commands_not_run: AtomicU64::new(0),
     stale_lease_rejections: AtomicU64::new(0),
     leases_released: AtomicU64::new(0),
     leases_rescued: AtomicU64::new(0),
@@ -330,7 +334,7 @@ pub(crate) fn add(counter: &AtomicU64, n: u64) {
 }
 
 impl Metrics {
-    fn rows(&self) -> [(&'static str, &'static str, &AtomicU64); 12] {
+    fn rows(&self) -> [(&'static str, &'static str, &AtomicU64); 13] {
         [
             (
                 "streamspace_commands_quarantined_total",
@@ -361,6 +365,11 @@ impl Metrics {
                 "streamspace_commands_retried_total",
                 "failed attempts scheduled for retry",
                 &self.commands_retried,
+            ),
+            (
+                "streamspace_commands_not_run_total",
+                "pipelined commands returned unrun because their predecessor did not complete",
+                &self.commands_not_run,
             ),
             (
                 "streamspace_stale_lease_rejections_total",

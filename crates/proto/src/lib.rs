@@ -10,6 +10,11 @@ pub mod agent {
 
         /// The protocol version this build speaks.
         pub const PROTOCOL_VERSION: u32 = 1;
+
+        /// Listed in `Hello.capabilities` by an agent that runs pipelined commands (those
+        /// with `Command.after_command_id`) strictly after their predecessor, and answers
+        /// `NotRun` when that predecessor did not complete. Only such agents get them.
+        pub const PIPELINE_CAPABILITY: &str = "pipeline";
     }
 }
 

@@ -28,6 +28,7 @@ fn command(id: &str, session: &str, action: &str, payload: &str, lease: i64) -> 
         attempt: 1,
         deadline_unix_ms: 0,
         trace_context: String::new(),
+        after_command_id: String::new(),
     })
 }
 

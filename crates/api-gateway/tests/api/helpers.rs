@@ -271,6 +271,7 @@ impl TestGateway {
                 owner: "test-dispatcher",
                 limit: 1,
                 epoch: None,
+                pipeline_depth: 1,
             })
             .await
             .unwrap();

@@ -93,6 +93,7 @@ impl Env {
                     owner: "test",
                     limit: 1,
                     epoch: None,
+                    pipeline_depth: 1,
                 })
                 .await
                 .unwrap();

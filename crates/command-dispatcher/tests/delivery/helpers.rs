@@ -270,10 +270,22 @@ pub async fn open_on(
 }
 
 impl RawAgent {
+    /// Connects without capabilities: one command per session outstanding at a time.
     pub async fn connect(url: &str, token: &str) -> Self {
-        let (tx, mut rx) = open(url, Some(token), hello(vec![]))
-            .await
-            .expect("connect");
+        Self::connect_with(url, token, hello(vec![])).await
+    }
+
+    /// Connects as an agent that runs pipelined commands.
+    pub async fn connect_pipelining(url: &str, token: &str) -> Self {
+        let mut first = hello(vec![]);
+        if let Some(Msg::Hello(h)) = &mut first.msg {
+            h.capabilities = vec![pb::PIPELINE_CAPABILITY.to_owned()];
+        }
+        Self::connect_with(url, token, first).await
+    }
+
+    pub async fn connect_with(url: &str, token: &str, first: pb::AgentMessage) -> Self {
+        let (tx, mut rx) = open(url, Some(token), first).await.expect("connect");
         let welcome = match rx
             .message()
             .await
@@ -332,6 +344,29 @@ impl RawAgent {
             lease_token: c.lease_token,
             outcome: Some(pb::command_result::Outcome::Completed(pb::Completed {
                 session: None,
+            })),
+        }))
+        .await;
+    }
+
+    pub async fn fail(&self, c: &pb::Command, retryable: bool) {
+        self.send(Msg::Result(pb::CommandResult {
+            command_id: c.command_id.clone(),
+            lease_token: c.lease_token,
+            outcome: Some(pb::command_result::Outcome::Failed(pb::Failed {
+                message: "injected".into(),
+                retryable,
+            })),
+        }))
+        .await;
+    }
+
+    pub async fn not_run(&self, c: &pb::Command) {
+        self.send(Msg::Result(pb::CommandResult {
+            command_id: c.command_id.clone(),
+            lease_token: c.lease_token,
+            outcome: Some(pb::command_result::Outcome::NotRun(pb::NotRun {
+                reason: "the command before it failed".into(),
             })),
         }))
         .await;

@@ -5,5 +5,6 @@
 mod binary;
 mod faults;
 mod helpers;
+mod pipeline;
 mod protocol;
 mod tls;

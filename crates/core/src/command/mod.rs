@@ -225,6 +225,9 @@ pub struct Command {
     pub trace_context: Option<String>,
     /// The lease under which this copy was handed out; every transition must present it.
     pub lease: Option<Lease>,
+    /// Pipelined behind this command of the same session, claimed in the same batch: the
+    /// agent runs this one only once that one completed (see `ClaimParams::pipeline_depth`).
+    pub after: Option<CommandId>,
 }
 
 /// Proof that one holder may move a sent command forward. Tokens come from one database

@@ -19,6 +19,11 @@ pub struct ClaimParams<'a> {
     /// When set, claim only while this is still the agent's current connection (this
     /// epoch, held by `owner`), so a superseded or closed connection can never take work.
     pub epoch: Option<i64>,
+    /// Per-session pipelining: with a session's oldest unfinished command, also claim up
+    /// to `pipeline_depth - 1` commands queued right behind it (each [`Command::after`]
+    /// its predecessor). 1 claims heads only, for agents that cannot run pipelined
+    /// commands.
+    pub pipeline_depth: i64,
 }
 
 /// A row that was claimed but could not be decoded. It is already `failed`, with the
@@ -51,12 +56,17 @@ struct ClaimedRow {
     trace_context: Option<String>,
     lease_token: i64,
     lease_owner: String,
+    after_command_id: Option<String>,
 }
 
 impl ClaimedRow {
     fn decode(self) -> Result<Command, (String, i64, String)> {
         let fail = |reason: String| (self.command_id.clone(), self.lease_token, reason);
         let command_id: CommandId = self.command_id.parse().map_err(|e| fail(format!("{e}")))?;
+        let after = match &self.after_command_id {
+            Some(id) => Some(id.parse().map_err(|e| fail(format!("predecessor: {e}")))?),
+            None => None,
+        };
         let kind = CommandKind::decode(&self.action, &self.payload)
             .map_err(|e| fail(format!("cannot decode stored command: {e}")))?;
         Ok(Command {
@@ -77,6 +87,7 @@ impl ClaimedRow {
             created_at: self.created_at,
             expires_at: self.expires_at,
             trace_context: self.trace_context,
+            after,
         })
     }
 }
@@ -85,9 +96,16 @@ impl CommandQueue {
     /// Leases up to `limit` deliverable commands of one agent to `owner`, oldest first.
     ///
     /// Deliverable means: `pending`, due (`next_attempt_at` passed), not expired, and no
-    /// earlier command of the same session still unfinished (the session's head). Rows locked by a concurrent
-    /// claimer are skipped, never waited for. Undecodable rows are quarantined here, so
-    /// one bad row never stops the rest of the queue.
+    /// earlier command of the same session still unfinished (the session's head). Rows
+    /// locked by a concurrent claimer are skipped, never waited for. Undecodable rows are
+    /// quarantined here, so one bad row never stops the rest of the queue.
+    ///
+    /// With `pipeline_depth` > 1, each claimed head brings the unbroken run of deliverable
+    /// commands queued right behind it in its session (at most `pipeline_depth - 1`; the
+    /// run ends at the first one that is not pending, not due, expired, for another agent
+    /// or locked), so one round trip delivers a whole stretch of a session's backlog. The
+    /// heads come first in the `limit`; followers share the rest, shallowest first, so
+    /// every session gets its next command before any gets a deep run.
     pub async fn command_claim(&self, params: ClaimParams<'_>) -> Result<ClaimBatch> {
         if !(1..=MAX_CLAIM_BATCH).contains(&params.limit) {
             return Err(Error::InvalidInput(format!(
@@ -109,8 +127,8 @@ impl CommandQueue {
                 SELECT 1 FROM agents a
                 WHERE a.agent_id = $1 AND a.connection_epoch = $5 AND a.connected_owner = $3
                 FOR SHARE
-            ), candidates AS (
-                SELECT c.command_id
+            ), heads AS (
+                SELECT c.command_id, c.session_id, c.seq
                 FROM agent_commands c
                 WHERE c.agent_id = $1
                   AND c.status = 'pending'
@@ -129,6 +147,45 @@ impl CommandQueue {
                 ORDER BY c.seq
                 LIMIT $2
                 FOR UPDATE OF c SKIP LOCKED
+            ), queued AS (
+                -- The open commands right behind each claimed head, in session order.
+                SELECT f.command_id, f.session_id, f.seq,
+                       row_number() OVER w AS depth,
+                       bool_and(f.status = 'pending' AND f.agent_id = $1
+                                AND f.next_attempt_at <= now()
+                                AND (f.expires_at IS NULL OR f.expires_at > now())) OVER w
+                           AS deliverable
+                FROM heads h
+                CROSS JOIN LATERAL (
+                    SELECT e.command_id, e.session_id, e.seq, e.status, e.agent_id,
+                           e.next_attempt_at, e.expires_at
+                    FROM agent_commands e
+                    WHERE e.session_id = h.session_id AND e.seq > h.seq
+                      AND e.status IN ('pending', 'sent', 'ack')
+                    ORDER BY e.seq
+                    LIMIT greatest($6::int8 - 1, 0)
+                ) f
+                WINDOW w AS (PARTITION BY f.session_id ORDER BY f.seq)
+            ), locked AS (
+                SELECT c.command_id, q.session_id, q.seq, q.depth
+                FROM agent_commands c JOIN queued q ON q.command_id = c.command_id
+                WHERE q.deliverable
+                ORDER BY q.depth, q.seq
+                LIMIT greatest($2 - (SELECT count(*) FROM heads), 0)
+                FOR UPDATE OF c SKIP LOCKED
+            ), followers AS (
+                -- Only an unbroken run: a follower whose predecessor was skipped (locked
+                -- elsewhere, or cut by the limit) must wait for its own turn.
+                SELECT l.command_id, l.session_id, l.seq FROM locked l
+                WHERE l.depth = (SELECT count(*) FROM locked m
+                                 WHERE m.session_id = l.session_id AND m.depth <= l.depth)
+            ), claimed AS (
+                SELECT u.command_id,
+                       lag(u.command_id) OVER (PARTITION BY u.session_id ORDER BY u.seq)
+                           AS after_command_id
+                FROM (SELECT command_id, session_id, seq FROM heads
+                      UNION ALL
+                      SELECT command_id, session_id, seq FROM followers) u
             )
             UPDATE agent_commands c
             SET status = 'sent',
@@ -141,17 +198,22 @@ impl CommandQueue {
                 sent_at = clock_timestamp(),
                 attempts = c.attempts + 1,
                 updated_at = now()
-            FROM candidates
-            WHERE c.command_id = candidates.command_id
+            FROM claimed
+            WHERE c.command_id = claimed.command_id
             RETURNING c.command_id, c.seq, c.agent_id, c.session_id, c.action, c.payload,
                       c.attempts, c.max_attempts, c.created_at, c.expires_at, c.trace_context,
-                      c.lease_token AS "lease_token!", c.lease_owner AS "lease_owner!"
+                      c.lease_token AS "lease_token!", c.lease_owner AS "lease_owner!",
+                      -- A head whose session has no other claimed command has no
+                      -- predecessor; lag() over a session of NULL (no session) is NULL.
+                      CASE WHEN c.session_id IS NULL THEN NULL
+                           ELSE claimed.after_command_id END AS after_command_id
             "#,
             params.agent_id,
             params.limit,
             params.owner,
             secs(self.config.lease),
             params.epoch,
+            params.pipeline_depth.max(1),
         )
         .fetch_all(&self.pool)
         .await?;

@@ -68,7 +68,8 @@ impl CommandQueue {
     /// agent row is locked `FOR SHARE` for the statement, so a newer connect waits for it
     /// or wins outright); otherwise [`Error::Superseded`] and nothing changes. A command the
     /// agent never acknowledged, or one the agent says it is still running
-    /// (`in_progress`: it survived a flap), goes back without an attempt counted; any
+    /// (`in_progress`: it survived a flap), or one pipelined behind its session's
+    /// unfinished head (it had not started), goes back without an attempt counted; any
     /// other acknowledged one counts the attempt the lost connection took (the agent lost
     /// it: most likely it crashed running it), and fails when attempts are exhausted.
     pub async fn command_release_superseded(
@@ -100,8 +101,12 @@ impl CommandQueue {
         let rows = sqlx::query!(
             r#"
             WITH held AS (
+                -- Not counted: never acknowledged, still running in the agent process
+                -- that came back, or pipelined behind its session's head (it cannot have
+                -- started while the head was unfinished).
                 SELECT command_id,
-                       CASE WHEN status = 'sent' OR command_id = ANY($3) THEN attempts - 1
+                       CASE WHEN status = 'sent' OR command_id = ANY($3) OR NOT session_head
+                            THEN attempts - 1
                             ELSE attempts END AS attempts
                 FROM agent_commands
                 WHERE agent_id = $1 AND status IN ('sent', 'ack') AND lease_owner <> $2
@@ -169,25 +174,32 @@ impl CommandQueue {
         let rows = sqlx::query!(
             r#"
             WITH expired AS (
-                SELECT command_id FROM agent_commands
+                -- A pipelined command queued behind its session's head (not the head
+                -- itself) never started: the lost agent runs a session strictly in order,
+                -- so it gets its attempt back. The head pays for the lost attempt.
+                SELECT command_id,
+                       CASE WHEN session_head THEN attempts ELSE greatest(attempts - 1, 0) END
+                           AS attempts
+                FROM agent_commands
                 WHERE status IN ('sent', 'ack') AND lease_expires_at < now()
                 ORDER BY lease_expires_at
                 LIMIT $1
                 FOR UPDATE SKIP LOCKED
             )
             UPDATE agent_commands c
-            SET status = CASE WHEN c.attempts < c.max_attempts THEN 'pending' ELSE 'failed' END,
-                error_message = CASE WHEN c.attempts < c.max_attempts THEN c.error_message
-                    ELSE format('gave up after %s attempts: lease expired without a result', c.attempts)
+            SET status = CASE WHEN x.attempts < c.max_attempts THEN 'pending' ELSE 'failed' END,
+                attempts = x.attempts,
+                error_message = CASE WHEN x.attempts < c.max_attempts THEN c.error_message
+                    ELSE format('gave up after %s attempts: lease expired without a result', x.attempts)
                     END,
-                completed_at = CASE WHEN c.attempts < c.max_attempts THEN NULL ELSE now() END,
+                completed_at = CASE WHEN x.attempts < c.max_attempts THEN NULL ELSE now() END,
                 next_attempt_at = now(),
-                lease_owner = CASE WHEN c.attempts < c.max_attempts THEN NULL ELSE c.lease_owner END,
-                lease_token = CASE WHEN c.attempts < c.max_attempts THEN NULL ELSE c.lease_token END,
-                lease_expires_at = CASE WHEN c.attempts < c.max_attempts THEN NULL ELSE c.lease_expires_at END,
+                lease_owner = CASE WHEN x.attempts < c.max_attempts THEN NULL ELSE c.lease_owner END,
+                lease_token = CASE WHEN x.attempts < c.max_attempts THEN NULL ELSE c.lease_token END,
+                lease_expires_at = CASE WHEN x.attempts < c.max_attempts THEN NULL ELSE c.lease_expires_at END,
                 updated_at = now()
-            FROM expired
-            WHERE c.command_id = expired.command_id
+            FROM expired x
+            WHERE c.command_id = x.command_id
             RETURNING c.command_id, c.status, c.agent_id
             "#,
             limit,

@@ -251,6 +251,38 @@ impl CommandQueue {
             .collect())
     }
 
+    /// `sent|ack → pending` without counting the attempt, for pipelined commands the agent
+    /// did not run because the command it was queued behind did not complete there. They
+    /// are due again at once, and stay behind that command in their session: whatever
+    /// became of it (retrying, failed), they are delivered only after it.
+    pub async fn command_not_run(&self, leases: &[Lease]) -> Result<Vec<(CommandId, Outcome)>> {
+        let (ids, tokens, agents, owners) = split(leases);
+        let applied = sqlx::query_scalar!(
+            r#"
+            UPDATE agent_commands c
+            SET status = 'pending',
+                attempts = greatest(c.attempts - 1, 0),
+                next_attempt_at = now(),
+                lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL,
+                updated_at = now()
+            FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::text[])
+                 AS l(command_id, token, agent_id, owner)
+            WHERE c.command_id = l.command_id AND c.lease_token = l.token
+              AND c.agent_id = l.agent_id AND c.lease_owner = l.owner
+              AND c.status IN ('sent', 'ack')
+            RETURNING c.command_id
+            "#,
+            &ids,
+            &tokens,
+            &agents,
+            &owners,
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        add(&METRICS.commands_not_run, applied.len() as u64);
+        self.classify(leases, applied, &[]).await
+    }
+
     /// Turns "these ids were applied" into one outcome per lease, in input order. Leases
     /// not applied are looked up: if the command already sits in one of `done` under the
     /// same token, the report is a duplicate; otherwise it is rejected.

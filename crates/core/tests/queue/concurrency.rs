@@ -57,6 +57,7 @@ async fn eight_claimers_over_ten_thousand_commands_in_two_hundred_sessions() {
                         owner: &owner,
                         limit: 25,
                         epoch: None,
+                        pipeline_depth: 1,
                     })
                     .await
                     .unwrap();

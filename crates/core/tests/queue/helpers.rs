@@ -53,6 +53,7 @@ pub async fn claim(q: &CommandQueue, agent: &str, owner: &str, limit: i64) -> Cl
         owner,
         limit,
         epoch: None,
+        pipeline_depth: 1,
     })
     .await
     .expect("claim")
@@ -106,6 +107,7 @@ pub async fn claim_as(q: &CommandQueue, reporter: Reporter<'_>, limit: i64) -> C
         owner: reporter.owner,
         limit,
         epoch: Some(reporter.epoch),
+        pipeline_depth: 1,
     })
     .await
     .expect("claim")

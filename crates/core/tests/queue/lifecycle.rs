@@ -317,6 +317,7 @@ async fn bad_input_is_refused_before_anything_is_written() {
             owner: "c",
             limit: 0,
             epoch: None,
+            pipeline_depth: 1,
         })
         .await
         .unwrap_err();

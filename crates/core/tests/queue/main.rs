@@ -5,6 +5,7 @@ mod fencing;
 mod heads;
 mod helpers;
 mod lifecycle;
+mod pipeline;
 mod registry;
 mod schema;
 mod seed_regression;

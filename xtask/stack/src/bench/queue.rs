@@ -125,6 +125,7 @@ async fn drain_with(
                         owner: &owner,
                         limit: BATCH,
                         epoch: None,
+                        pipeline_depth: 1,
                     })
                     .await?;
                 if claimed.commands.is_empty() {
