@@ -16,7 +16,7 @@
 //!   observation a no-op). Its commands stay in the connection's in-flight set meanwhile,
 //!   so their leases keep being renewed.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 
 use streamspace_core::command::{CommandId, Lease};
 use streamspace_core::queue::{Completion, Failure, FailureOutcome, Outcome};
@@ -101,6 +101,19 @@ async fn write_command_reports<'a>(
             Report::NotRun(lease) => not_run.push(lease.clone()),
             Report::Observations(_) => {}
         }
+    }
+    // An ack whose result is in the same batch needs no write of its own: every result
+    // statement accepts `sent` as well as `ack` and records the acknowledgement time. In a
+    // fast drain most acks travel with their result, so this halves the row updates.
+    if !acks.is_empty() {
+        let resulted: HashSet<(&str, i64)> = completions
+            .iter()
+            .map(|c| &c.lease)
+            .chain(failures.iter().map(|f| &f.lease))
+            .chain(not_run.iter())
+            .map(|l| (l.command_id.as_str(), l.token))
+            .collect();
+        acks.retain(|l| !resulted.contains(&(l.command_id.as_str(), l.token)));
     }
     if !acks.is_empty() {
         log_rejections(agent_id, "ack", queue.command_ack(&acks).await?);

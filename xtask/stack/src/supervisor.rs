@@ -51,6 +51,13 @@ pub struct Supervised {
 impl Supervised {
     pub fn start(spec: Spec, colour_index: usize) -> anyhow::Result<Self> {
         let mut cmd = Command::new(&spec.program);
+        // The bench's own knobs (`STREAMSPACE_BENCH_…`) are not settings of any service,
+        // which refuse unknown settings.
+        for (k, _) in std::env::vars() {
+            if k.starts_with("STREAMSPACE_BENCH_") {
+                cmd.env_remove(k);
+            }
+        }
         cmd.args(&spec.args)
             .envs(spec.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env("NO_COLOR", "1")

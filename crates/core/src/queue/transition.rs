@@ -198,6 +198,7 @@ impl CommandQueue {
                              * (0.5 + random() * 0.5))
                     ELSE c.next_attempt_at END,
                 completed_at = CASE WHEN d.retry THEN NULL ELSE now() END,
+                acknowledged_at = coalesce(c.acknowledged_at, now()),
                 lease_owner = CASE WHEN d.retry THEN NULL ELSE c.lease_owner END,
                 lease_token = CASE WHEN d.retry THEN NULL ELSE c.lease_token END,
                 lease_expires_at = CASE WHEN d.retry THEN NULL ELSE c.lease_expires_at END,
@@ -263,6 +264,7 @@ impl CommandQueue {
             SET status = 'pending',
                 attempts = greatest(c.attempts - 1, 0),
                 next_attempt_at = now(),
+                acknowledged_at = coalesce(c.acknowledged_at, now()),
                 lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL,
                 updated_at = now()
             FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::text[])

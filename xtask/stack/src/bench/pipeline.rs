@@ -19,10 +19,18 @@ use crate::stack::{Stack, StackOptions};
 const DRAIN_COMMANDS: usize = 10_000;
 
 /// Settings of every benchmark stack: agents run the `record` runtime; the gateway has
-/// no rate limit and a per-user quota high enough for the load.
+/// no rate limit and a per-user quota high enough for the load. For experiments, every
+/// `STREAMSPACE_BENCH_DISPATCHER_<SETTING>` variable of the bench's environment becomes
+/// the dispatchers' `STREAMSPACE_<SETTING>` (e.g. `STREAMSPACE_BENCH_DISPATCHER_PIPELINE_DEPTH=1`).
 pub fn record_stack_options(url: String, env: &Env, agents: usize, gateway: bool) -> StackOptions {
     StackOptions {
         gateway,
+        dispatcher_env: std::env::vars()
+            .filter_map(|(k, v)| {
+                let setting = k.strip_prefix("STREAMSPACE_BENCH_DISPATCHER_")?;
+                Some((format!("STREAMSPACE_{setting}"), v))
+            })
+            .collect(),
         agent_env: vec![("STREAMSPACE_RUNTIME".into(), "record".into())],
         gateway_env: vec![
             ("STREAMSPACE_RATE_LIMIT__ENABLED".into(), "false".into()),
@@ -74,22 +82,33 @@ async fn wait_offline(pool: &PgPool, agent: &str) -> anyhow::Result<()> {
     .await
 }
 
-/// Waits until `n` commands are completed; any command that failed is an error.
+/// Waits until `n` commands are completed; any command that failed is an error. Polls
+/// only "is anything still open?" (an index probe), so the wait adds next to nothing to
+/// the database load it measures; the full count runs once, at the end.
 pub async fn wait_completed(pool: &PgPool, n: usize, limit: Duration) -> anyhow::Result<()> {
     until(&format!("{n} completed commands"), limit, || async {
-        let (done, failed): (i64, i64) = sqlx::query_as(
-            "SELECT count(*) FILTER (WHERE status = 'completed'),
-                    count(*) FILTER (WHERE status IN ('failed', 'cancelled'))
-             FROM agent_commands",
+        let open: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM agent_commands WHERE status IN ('pending', 'sent', 'ack'))",
         )
         .fetch_one(pool)
         .await?;
-        if failed > 0 {
-            bail!("{failed} commands failed");
-        }
-        Ok(done as usize >= n)
+        Ok(!open)
     })
-    .await
+    .await?;
+    let (done, failed): (i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE status = 'completed'),
+                count(*) FILTER (WHERE status IN ('failed', 'cancelled'))
+         FROM agent_commands",
+    )
+    .fetch_one(pool)
+    .await?;
+    if failed > 0 {
+        bail!("{failed} commands failed");
+    }
+    if (done as usize) < n {
+        bail!("nothing left open, but only {done} of {n} commands completed");
+    }
+    Ok(())
 }
 
 fn stops(agent: &str, n: usize, session: impl Fn(usize) -> String) -> Vec<NewCommand> {
@@ -135,10 +154,21 @@ async fn drain(env: &Env, sessions: Option<usize>) -> anyhow::Result<Run> {
         });
         enqueue_all(&stack.pool, &cmds).await?;
         sqlx::query("CHECKPOINT").execute(&stack.pool).await?;
+        if env.pgss {
+            sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+                .execute(&stack.pool)
+                .await?;
+            sqlx::query("SELECT pg_stat_statements_reset()")
+                .execute(&stack.pool)
+                .await?;
+        }
         let spawned = Instant::now();
         stack.spawn_agent(0).await?;
         wait_completed(&stack.pool, DRAIN_COMMANDS, Duration::from_secs(600)).await?;
         let spawn_to_last = spawned.elapsed().as_secs_f64();
+        if env.pgss {
+            super::queue::print_top_statements(&stack.pool, "the drain").await?;
+        }
         let value = seconds_between(
             &stack.pool,
             "SELECT a.connected_at, (SELECT max(completed_at) FROM agent_commands)
