@@ -20,8 +20,10 @@ pub const DEFAULT_MAX_IN_FLIGHT: u32 = 256;
 /// Default per-session pipeline depth: a session's oldest unfinished command and up to 15
 /// queued behind it travel together to agents that can run them in order.
 pub const DEFAULT_PIPELINE_DEPTH: u32 = 16;
-/// Default interval of the polling safety net behind LISTEN/NOTIFY.
-pub const DEFAULT_POLL_INTERVAL_MS: u64 = 1_000;
+/// Default interval of the polling safety net behind LISTEN/NOTIFY. Only a lost
+/// notification waits for it: retries wake their connection when their backoff ends, and
+/// a reconnected listener sweeps every connection.
+pub const DEFAULT_POLL_INTERVAL_MS: u64 = 10_000;
 /// Default number of failed database probes in a row before the replica gives up its
 /// agents: three heartbeat intervals, the same bound that makes an agent offline.
 pub const DEFAULT_DB_FAILURES_BEFORE_UNREADY: u32 = 3;

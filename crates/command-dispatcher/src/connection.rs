@@ -281,6 +281,7 @@ async fn handshake(
         } else {
             1
         },
+        retry_due: Mutex::new(None),
         in_flight: Mutex::new(HashMap::new()),
         last_heartbeat: Mutex::new(None),
     };
@@ -321,6 +322,9 @@ struct Connection {
     /// Commands of one session claimed together: the configured depth when the agent can
     /// run pipelined commands (its `Hello` lists [`PIPELINE_CAPABILITY`]), else 1.
     pipeline_depth: i64,
+    /// When the delivery loop must claim again although nobody woke it: the end of the
+    /// earliest retry backoff this connection knows of.
+    retry_due: Mutex<Option<Instant>>,
     /// Leases pushed on this connection whose result has not been written: command id →
     /// lease token.
     in_flight: Mutex<HashMap<String, i64>>,
@@ -377,6 +381,16 @@ impl Connection {
     async fn deliver(self: Arc<Self>, tx: Outbound) {
         let max = self.shared.config.max_in_flight as usize;
         let mut shutdown = self.shared.shutdown.clone();
+        let mut db_ok = self.shared.db_ok.clone();
+        // Retries scheduled before this connection (by an earlier one) are due when they
+        // are due, not at the next poll.
+        match self.shared.queue.command_next_due(&self.agent_id).await {
+            Ok(Some(due)) => self.wake_at(due),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(agent_id = %self.agent_id, error = %e, "reading the next retry time failed; the poll finds it")
+            }
+        }
         loop {
             if *shutdown.borrow() {
                 return;
@@ -439,13 +453,23 @@ impl Connection {
                     }
                 }
             }
+            let due = *self.retry_due.lock().unwrap_or_else(|p| p.into_inner());
             tokio::select! {
                 () = self.wake.notified() => {
                     metrics::counter!("streamspace_dispatcher_claim_wakeups_total", "cause" => "notify").increment(1);
                 }
+                () = sleep_until_some(due) => {
+                    let mut next = self.retry_due.lock().unwrap_or_else(|p| p.into_inner());
+                    if next.is_some_and(|n| n <= Instant::now()) {
+                        *next = None;
+                    }
+                    metrics::counter!("streamspace_dispatcher_claim_wakeups_total", "cause" => "retry_due").increment(1);
+                }
                 () = tokio::time::sleep(self.shared.config.poll_interval()) => {
                     metrics::counter!("streamspace_dispatcher_claim_wakeups_total", "cause" => "poll").increment(1);
                 }
+                // The database is back: claim now rather than at the next poll.
+                Ok(()) = db_ok.changed() => {}
                 _ = shutdown.changed() => return,
             }
         }
@@ -651,11 +675,12 @@ impl Connection {
     /// says why this connection must end (superseded, or its credential revoked).
     async fn heartbeat(&self) -> Result<Option<Ended>, streamspace_core::Error> {
         let pool = self.shared.queue.pool();
-        if !agents::agent_heartbeat(pool, &self.agent_id, self.epoch).await? {
-            return Ok(Some(Ended::Superseded));
-        }
-        if !agents::credential_active(pool, &self.credential_id).await? {
-            return Ok(Some(Ended::Revoked));
+        match agents::agent_heartbeat_checked(pool, &self.agent_id, self.epoch, &self.credential_id)
+            .await?
+        {
+            agents::Beat::Recorded => {}
+            agents::Beat::Superseded => return Ok(Some(Ended::Superseded)),
+            agents::Beat::Revoked => return Ok(Some(Ended::Revoked)),
         }
         let held: Vec<(String, i64)> = self
             .lock_in_flight()
@@ -680,8 +705,12 @@ impl Connection {
             epoch: self.epoch,
             owner: &self.owner,
         };
-        let mut finished = Vec::new();
-        let result = reports::apply(&self.shared.queue, reporter, backlog, &mut finished).await;
+        let mut written = reports::Written::default();
+        let result = reports::apply(&self.shared.queue, reporter, backlog, &mut written).await;
+        if let Some(due) = written.retry_due {
+            self.wake_at(due);
+        }
+        let finished = written.finished;
         if !finished.is_empty() {
             let mut in_flight = self.lock_in_flight();
             for (id, token) in &finished {
@@ -754,6 +783,20 @@ impl Connection {
             Err(e) => {
                 tracing::error!(agent_id, error = %e, "releasing leases failed; they will be rescued on expiry")
             }
+        }
+    }
+
+    /// Makes the delivery loop claim again at `due` (a retry's backoff ends), unless it
+    /// is already due to wake earlier.
+    fn wake_at(&self, due: chrono::DateTime<chrono::Utc>) {
+        let wait = (due - chrono::Utc::now()).to_std().unwrap_or_default();
+        let at = Instant::now() + wait;
+        let mut next = self.retry_due.lock().unwrap_or_else(|p| p.into_inner());
+        if next.is_none_or(|n| at < n) {
+            *next = Some(at);
+            drop(next);
+            // The loop re-reads the time it sleeps until.
+            self.wake.notify_one();
         }
     }
 

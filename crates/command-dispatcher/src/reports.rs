@@ -18,6 +18,8 @@
 
 use std::collections::{HashSet, VecDeque};
 
+use chrono::{DateTime, Utc};
+
 use streamspace_core::command::{CommandId, Lease};
 use streamspace_core::queue::{Completion, Failure, FailureOutcome, Outcome};
 use streamspace_core::sessions::{self, Observation, Reporter};
@@ -46,14 +48,24 @@ impl Report {
 /// connection no longer holds its lease.
 pub(crate) type Finished = (String, i64);
 
+/// What writing a backlog left for the connection to do.
+#[derive(Debug, Default)]
+pub(crate) struct Written {
+    /// Results written: these leases are no longer held.
+    pub finished: Vec<Finished>,
+    /// The earliest time a failed command written here is due again, so the delivery
+    /// loop wakes for it rather than waiting for its poll.
+    pub retry_due: Option<DateTime<Utc>>,
+}
+
 /// Writes the backlog from its head, one same-kind segment at a time, removing each
 /// segment once written. Stops at the first failed write, leaving that segment and the
-/// rest in place, and returns the error; `finished` collects the results written so far.
+/// rest in place, and returns the error; `written` collects what was written so far.
 pub(crate) async fn apply(
     queue: &CommandQueue,
     reporter: Reporter<'_>,
     backlog: &mut VecDeque<Report>,
-    finished: &mut Vec<Finished>,
+    written: &mut Written,
 ) -> Result<(), Error> {
     while let Some(front) = backlog.front() {
         let commands = front.is_command();
@@ -63,7 +75,7 @@ pub(crate) async fn apply(
             .count();
         let segment = backlog.range(..len);
         if commands {
-            write_command_reports(queue, reporter, segment, finished).await?;
+            write_command_reports(queue, reporter, segment, written).await?;
         } else {
             let observations: Vec<Observation> = segment
                 .flat_map(|r| match r {
@@ -82,8 +94,9 @@ async fn write_command_reports<'a>(
     queue: &CommandQueue,
     reporter: Reporter<'_>,
     segment: impl Iterator<Item = &'a Report>,
-    finished: &mut Vec<Finished>,
+    written: &mut Written,
 ) -> Result<(), Error> {
+    let finished = &mut written.finished;
     let agent_id = reporter.agent_id;
     let mut acks = Vec::new();
     let mut completions = Vec::new();
@@ -137,7 +150,12 @@ async fn write_command_reports<'a>(
         for (id, outcome) in queue.command_fail(&failures).await? {
             match outcome {
                 FailureOutcome::Retrying { next_attempt_at } => {
-                    tracing::info!(agent_id, command_id = %id, %next_attempt_at, "command failed; will retry")
+                    tracing::info!(agent_id, command_id = %id, %next_attempt_at, "command failed; will retry");
+                    written.retry_due = Some(
+                        written
+                            .retry_due
+                            .map_or(next_attempt_at, |d| d.min(next_attempt_at)),
+                    );
                 }
                 FailureOutcome::Failed => {
                     tracing::warn!(agent_id, command_id = %id, "command failed")

@@ -252,6 +252,44 @@ pub async fn agent_heartbeat(pool: &PgPool, agent_id: &str, epoch: i64) -> Resul
     Ok(done.rows_affected() == 1)
 }
 
+/// What recording a connection's heartbeat found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Beat {
+    Recorded,
+    /// A newer connection of the agent exists (nothing was written).
+    Superseded,
+    /// Recorded, but the credential the connection was made with is revoked.
+    Revoked,
+}
+
+/// [`agent_heartbeat`] and [`credential_active`] in one statement, so an idle connection
+/// costs one transaction per heartbeat.
+pub async fn agent_heartbeat_checked(
+    pool: &PgPool,
+    agent_id: &str,
+    epoch: i64,
+    credential_id: &str,
+) -> Result<Beat> {
+    let active = sqlx::query_scalar!(
+        r#"
+        UPDATE agents SET last_heartbeat_at = now()
+        WHERE agent_id = $1 AND connection_epoch = $2 AND connected_owner IS NOT NULL
+        RETURNING EXISTS (SELECT 1 FROM agent_credentials
+                          WHERE credential_id = $3 AND revoked_at IS NULL) AS "active!"
+        "#,
+        agent_id,
+        epoch,
+        credential_id,
+    )
+    .fetch_optional(pool)
+    .await?;
+    Ok(match active {
+        None => Beat::Superseded,
+        Some(true) => Beat::Recorded,
+        Some(false) => Beat::Revoked,
+    })
+}
+
 /// Marks the connection `epoch` closed. A no-op (returns `false`) when a newer connection
 /// exists, so an old stream's clean-up never takes down the new one.
 pub async fn agent_disconnect(pool: &PgPool, agent_id: &str, epoch: i64) -> Result<bool> {

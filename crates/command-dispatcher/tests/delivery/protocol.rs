@@ -442,3 +442,55 @@ async fn an_undecodable_row_is_quarantined_counted_on_metrics_and_the_queue_keep
         "{text}"
     );
 }
+
+/// A dispatcher whose poll would not find anything within the test's limit: whatever is
+/// delivered was woken for.
+async fn dispatcher_without_poll(backoff: Duration) -> TestDispatcher {
+    let url = streamspace_devpg::testdb::fresh_database_url(&streamspace_core::db::MIGRATOR).await;
+    let mut config = crate::helpers::fast_config(&url);
+    config.poll_interval_ms = 600_000;
+    config.queue.retry_base = backoff;
+    config.queue.retry_cap = backoff;
+    TestDispatcher::start_with(config).await
+}
+
+#[tokio::test]
+async fn a_retry_is_delivered_when_its_backoff_ends_not_at_the_next_poll() {
+    let d = dispatcher_without_poll(Duration::from_millis(300)).await;
+    let token = d.agent("agent-a").await;
+    let cmd = stop("agent-a", "s-1");
+    d.enqueue(std::slice::from_ref(&cmd)).await;
+    let mut agent = RawAgent::connect(&d.url(), &token).await;
+    let first = agent.next_command(LIMIT).await;
+    agent.ack(&first).await;
+    agent.fail(&first, true).await;
+    let again = agent.next_command(LIMIT).await;
+    assert_eq!(again.command_id, cmd.command_id.to_string());
+    assert_eq!(again.attempt, 2);
+}
+
+#[tokio::test]
+async fn a_retry_scheduled_before_the_agent_reconnected_is_delivered_when_due() {
+    // Backoff 2-4 s (jittered): long enough that the first connection is gone before the
+    // retry is due.
+    let d = dispatcher_without_poll(Duration::from_secs(4)).await;
+    let token = d.agent("agent-a").await;
+    let cmd = stop("agent-a", "s-1");
+    d.enqueue(std::slice::from_ref(&cmd)).await;
+    let mut agent = RawAgent::connect(&d.url(), &token).await;
+    let first = agent.next_command(LIMIT).await;
+    agent.ack(&first).await;
+    agent.fail(&first, true).await;
+    let id = cmd.command_id.to_string();
+    eventually("the failure written", LIMIT, || async {
+        (d.statuses(std::slice::from_ref(&id)).await[0] == "pending").then_some(())
+    })
+    .await;
+    drop(agent);
+
+    // A new connection knows nothing of the backoff; it reads when the retry is due.
+    let mut agent = RawAgent::connect(&d.url(), &token).await;
+    let again = agent.next_command(LIMIT).await;
+    assert_eq!(again.command_id, id);
+    assert_eq!(again.attempt, 2);
+}

@@ -246,6 +246,22 @@ impl CommandQueue {
         Ok(batch)
     }
 
+    /// When the earliest of `agent_id`'s session heads waiting out a retry backoff is due
+    /// (`None`: none is waiting). A new connection reads it once, so retries scheduled
+    /// before it are claimed when due rather than at the next poll.
+    pub async fn command_next_due(&self, agent_id: &str) -> Result<Option<DateTime<Utc>>> {
+        Ok(sqlx::query_scalar!(
+            r#"
+            SELECT min(next_attempt_at) FROM agent_commands
+            WHERE agent_id = $1 AND status = 'pending' AND session_head
+              AND next_attempt_at > now()
+            "#,
+            agent_id,
+        )
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
     /// `sent → failed` for rows that cannot be decoded, fenced by the claim's token.
     async fn command_quarantine(
         &self,

@@ -307,13 +307,18 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<()> {
     let cluster = tokio::task::spawn_blocking(move || {
         PgCluster::start(ClusterOptions {
             durability: Durability::Durable,
-            settings: if pgss {
-                vec![(
-                    "shared_preload_libraries".into(),
-                    "pg_stat_statements".into(),
-                )]
-            } else {
-                Vec::new()
+            settings: {
+                let mut s: Vec<(String, String)> = Vec::new();
+                if pgss {
+                    s.push((
+                        "shared_preload_libraries".into(),
+                        "pg_stat_statements".into(),
+                    ));
+                }
+                if std::env::var_os("STREAMSPACE_BENCH_NO_AUTOVACUUM").is_some() {
+                    s.push(("autovacuum".into(), "off".into()));
+                }
+                s
             },
             ..Default::default()
         })
