@@ -36,6 +36,8 @@ use crate::convert;
 use crate::registry::ConnectionHandle;
 use crate::reports::{self, Report};
 
+/// How long a new connection waits for the time its agent's earliest retry is due.
+const NEXT_DUE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long an agent may take to send `Hello` after connecting.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most messages read into one batch.
@@ -383,14 +385,31 @@ impl Connection {
         let mut shutdown = self.shared.shutdown.clone();
         let mut db_ok = self.shared.db_ok.clone();
         // Retries scheduled before this connection (by an earlier one) are due when they
-        // are due, not at the next poll.
-        match self.shared.queue.command_next_due(&self.agent_id).await {
-            Ok(Some(due)) => self.wake_at(due),
-            Ok(None) => {}
-            Err(e) => {
-                tracing::warn!(agent_id = %self.agent_id, error = %e, "reading the next retry time failed; the poll finds it")
+        // are due, not at the next poll. Read beside the loop: a slow answer must not hold
+        // up the first claim.
+        let this = Arc::downgrade(&self);
+        let queue = self.shared.queue.clone();
+        let agent_id = self.agent_id.clone();
+        tokio::spawn(async move {
+            let read = tokio::time::timeout(NEXT_DUE_TIMEOUT, queue.command_next_due(&agent_id));
+            match read.await {
+                Ok(Ok(Some(due))) => {
+                    if let Some(this) = this.upgrade() {
+                        this.wake_at(due);
+                    }
+                }
+                Ok(Ok(None)) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(agent_id, error = %e, "reading the next retry time failed; the poll finds it")
+                }
+                Err(_) => {
+                    tracing::warn!(
+                        agent_id,
+                        "reading the next retry time timed out; the poll finds it"
+                    )
+                }
             }
-        }
+        });
         loop {
             if *shutdown.borrow() {
                 return;

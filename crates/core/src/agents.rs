@@ -258,35 +258,39 @@ pub enum Beat {
     Recorded,
     /// A newer connection of the agent exists (nothing was written).
     Superseded,
-    /// Recorded, but the credential the connection was made with is revoked.
+    /// The credential the connection was made with is revoked.
     Revoked,
 }
 
-/// [`agent_heartbeat`] and [`credential_active`] in one statement, so an idle connection
-/// costs one transaction per heartbeat.
+/// [`agent_heartbeat`] and [`credential_active`] in one statement while all is well, so an
+/// idle connection costs one transaction per heartbeat; a second statement tells
+/// superseded from revoked only when the first wrote nothing.
 pub async fn agent_heartbeat_checked(
     pool: &PgPool,
     agent_id: &str,
     epoch: i64,
     credential_id: &str,
 ) -> Result<Beat> {
-    let active = sqlx::query_scalar!(
+    let done = sqlx::query!(
         r#"
         UPDATE agents SET last_heartbeat_at = now()
         WHERE agent_id = $1 AND connection_epoch = $2 AND connected_owner IS NOT NULL
-        RETURNING EXISTS (SELECT 1 FROM agent_credentials
-                          WHERE credential_id = $3 AND revoked_at IS NULL) AS "active!"
+          AND EXISTS (SELECT 1 FROM agent_credentials
+                      WHERE credential_id = $3 AND revoked_at IS NULL)
         "#,
         agent_id,
         epoch,
         credential_id,
     )
-    .fetch_optional(pool)
+    .execute(pool)
     .await?;
-    Ok(match active {
-        None => Beat::Superseded,
-        Some(true) => Beat::Recorded,
-        Some(false) => Beat::Revoked,
+    if done.rows_affected() == 1 {
+        return Ok(Beat::Recorded);
+    }
+    Ok(if agent_heartbeat(pool, agent_id, epoch).await? {
+        Beat::Revoked
+    } else {
+        Beat::Superseded
     })
 }
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 use streamspace_core::queue::NewCommand;
 use streamspace_proto::agent::v1::{self as pb, agent_message::Msg};
 
-use crate::helpers::{RawAgent, TestDispatcher, eventually, hello, open, stop};
+use crate::helpers::{RawAgent, TestDispatcher, eventually, hello, keep_beating, open, stop};
 
 const LIMIT: Duration = Duration::from_secs(10);
 
@@ -490,7 +490,9 @@ async fn a_retry_scheduled_before_the_agent_reconnected_is_delivered_when_due() 
 
     // A new connection knows nothing of the backoff; it reads when the retry is due.
     let mut agent = RawAgent::connect(&d.url(), &token).await;
+    let beating = keep_beating(&agent.tx, Duration::from_millis(100));
     let again = agent.next_command(LIMIT).await;
     assert_eq!(again.command_id, id);
     assert_eq!(again.attempt, 2);
+    beating.abort();
 }

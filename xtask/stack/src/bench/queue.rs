@@ -17,6 +17,17 @@ const COMMANDS: usize = 50_000;
 const SESSIONS: usize = 500;
 const CLAIMERS: usize = 4;
 const BATCH: i64 = 256;
+/// What the dispatcher claims with (its default `pipeline_depth`): with each session head,
+/// up to 15 commands queued behind it. `STREAMSPACE_BENCH_QUEUE_PIPELINE_DEPTH` overrides
+/// it (1: heads only, as before pipelining).
+const PIPELINE_DEPTH: i64 = 16;
+
+fn pipeline_depth() -> i64 {
+    std::env::var("STREAMSPACE_BENCH_QUEUE_PIPELINE_DEPTH")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(PIPELINE_DEPTH)
+}
 
 pub async fn independent(env: &Env) -> anyhow::Result<Run> {
     let (enqueue, drain) = drain(env, COMMANDS, 0).await?;
@@ -51,7 +62,8 @@ pub async fn fifo_deep(env: &Env) -> anyhow::Result<Run> {
         value,
         secondary: None,
         details: json!({ "commands": COMMANDS, "sessions": SESSIONS, "claimers": CLAIMERS,
-                         "batch": BATCH, "enqueue_per_s": enqueue, "depth_series": series }),
+                         "batch": BATCH, "pipeline_depth": pipeline_depth(),
+                         "enqueue_per_s": enqueue, "depth_series": series }),
     })
 }
 
@@ -113,6 +125,7 @@ async fn drain_with(
     let done = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
+    let depth = pipeline_depth();
     for n in 0..CLAIMERS {
         let queue = queue.clone();
         let done = done.clone();
@@ -125,7 +138,7 @@ async fn drain_with(
                         owner: &owner,
                         limit: BATCH,
                         epoch: None,
-                        pipeline_depth: 1,
+                        pipeline_depth: depth,
                     })
                     .await?;
                 if claimed.commands.is_empty() {
