@@ -523,6 +523,7 @@ impl Stack {
     /// command with the stack's development signing key.
     pub async fn mint_token(&self, user: &str, admin: bool) -> anyhow::Result<String> {
         let mut cmd = tokio::process::Command::new(bin_dir()?.join("streamspace-api-gateway"));
+        crate::supervisor::without_bench_knobs(&mut cmd);
         cmd.arg("mint-token").arg("--user").arg(user);
         if admin {
             cmd.arg("--admin");

@@ -48,16 +48,20 @@ pub struct Supervised {
     pumps: Vec<tokio::task::JoinHandle<()>>,
 }
 
+/// Removes the bench's own knobs (`STREAMSPACE_BENCH_…`) from a service's environment:
+/// they are not settings of any service, and services refuse unknown settings.
+pub fn without_bench_knobs(cmd: &mut Command) {
+    for (k, _) in std::env::vars() {
+        if k.starts_with("STREAMSPACE_BENCH_") {
+            cmd.env_remove(k);
+        }
+    }
+}
+
 impl Supervised {
     pub fn start(spec: Spec, colour_index: usize) -> anyhow::Result<Self> {
         let mut cmd = Command::new(&spec.program);
-        // The bench's own knobs (`STREAMSPACE_BENCH_…`) are not settings of any service,
-        // which refuse unknown settings.
-        for (k, _) in std::env::vars() {
-            if k.starts_with("STREAMSPACE_BENCH_") {
-                cmd.env_remove(k);
-            }
-        }
+        without_bench_knobs(&mut cmd);
         cmd.args(&spec.args)
             .envs(spec.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env("NO_COLOR", "1")

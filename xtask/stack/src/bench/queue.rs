@@ -126,9 +126,14 @@ async fn drain_with(
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     let depth = pipeline_depth();
+    // A claimer that found nothing waits for another's completion (which may have made
+    // the next commands of its sessions deliverable), as the dispatcher's delivery loop
+    // waits for a wake-up; spinning on empty claims would bill the drain for them.
+    let completed = Arc::new(tokio::sync::Notify::new());
     for n in 0..CLAIMERS {
         let queue = queue.clone();
         let done = done.clone();
+        let completed = completed.clone();
         tasks.spawn(async move {
             let owner = format!("bench-{n}");
             while done.load(Ordering::Relaxed) < commands {
@@ -142,7 +147,13 @@ async fn drain_with(
                     })
                     .await?;
                 if claimed.commands.is_empty() {
-                    tokio::task::yield_now().await;
+                    // The bound covers a completion that landed between the claim and
+                    // this wait.
+                    let _ = tokio::time::timeout(
+                        std::time::Duration::from_millis(5),
+                        completed.notified(),
+                    )
+                    .await;
                     continue;
                 }
                 let completions: Vec<Completion> = claimed
@@ -156,6 +167,7 @@ async fn drain_with(
                     .collect();
                 queue.command_complete(&completions).await?;
                 done.fetch_add(completions.len(), Ordering::Relaxed);
+                completed.notify_waiters();
             }
             anyhow::Ok(())
         });
