@@ -24,13 +24,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use axum::serve::ListenerExt;
 use streamspace_core::api::idempotency;
 use streamspace_core::db::{self, SchemaPolicy};
 use streamspace_proto::api::v1::agent_admin_service_server::AgentAdminServiceServer;
 use streamspace_proto::api::v1::session_service_server::SessionServiceServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch as signal;
-use tokio_stream::wrappers::TcpListenerStream;
 
 pub use config::GatewayConfig;
 
@@ -239,6 +239,10 @@ impl App {
                 .with_graceful_shutdown(stopped(shutdown.clone()))
                 .into_future(),
         );
+        // Answers go out at once, not after the client's delayed ACK of an earlier write.
+        let http = http.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         let rest = axum::serve(http, rest::router(state))
             .with_graceful_shutdown(stopped(shutdown.clone()));
         let grpc_server = tonic::transport::Server::builder()
@@ -257,7 +261,11 @@ impl App {
             .add_service(reflection_v1alpha)
             .add_service(sessions)
             .add_service(admin)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), stopped(shutdown.clone()));
+            // `serve_with_incoming` ignores the builder's `tcp_nodelay`: set it here.
+            .serve_with_incoming_shutdown(
+                tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true)),
+                stopped(shutdown.clone()),
+            );
         let (rest_result, grpc_result) = tokio::join!(rest.into_future(), grpc_server);
         for task in background {
             let _ = task.await;

@@ -29,7 +29,6 @@ use streamspace_core::queue::{CommandListener, Wakeup};
 use streamspace_proto::agent::v1::agent_service_server::AgentServiceServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
 
 pub use config::{DispatcherConfig, MaintenanceConfig};
 pub use connection::MAX_INVENTORY;
@@ -230,8 +229,14 @@ impl App {
                     .await
             }
             None => {
+                // `serve_with_incoming` ignores the builder's `tcp_nodelay`: set it on the
+                // incoming connections, or a command pushed right after a small frame waits
+                // for the peer's delayed ACK (~40 ms).
+                let incoming = tonic::transport::server::TcpIncoming::from(listener)
+                    .with_nodelay(Some(true))
+                    .with_keepalive(Some(std::time::Duration::from_secs(30)));
                 router
-                    .serve_with_incoming_shutdown(TcpListenerStream::new(listener), server_done)
+                    .serve_with_incoming_shutdown(incoming, server_done)
                     .await
             }
         };

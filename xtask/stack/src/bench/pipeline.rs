@@ -342,10 +342,13 @@ async fn idle_rate(
         }
         let read = "SELECT xact_commit + xact_rollback FROM pg_stat_database
                     WHERE datname = current_database()";
+        // Connections opened count too: a new backend's start-up runs transactions.
+        let opened = "SELECT sessions FROM pg_stat_database WHERE datname = current_database()";
         sqlx::query("SELECT pg_stat_force_next_flush()")
             .execute(&mut *conn)
             .await?;
         let before: i64 = sqlx::query_scalar(read).fetch_one(&mut *conn).await?;
+        let opened_before: i64 = sqlx::query_scalar(opened).fetch_one(&mut *conn).await?;
         let started = Instant::now();
         tokio::time::sleep(window).await;
         // Backends flush their counters at least once a second while idle.
@@ -354,6 +357,12 @@ async fn idle_rate(
             .execute(&mut *conn)
             .await?;
         let after: i64 = sqlx::query_scalar(read).fetch_one(&mut *conn).await?;
+        let opened_after: i64 = sqlx::query_scalar(opened).fetch_one(&mut *conn).await?;
+        println!(
+            "idle, {agents} agent(s), gateway {gateway}: {} transactions, {} connections opened",
+            after - before,
+            opened_after - opened_before
+        );
         let seconds = started.elapsed().as_secs_f64();
         if env.pgss {
             super::queue::print_top_statements(
