@@ -318,6 +318,14 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<()> {
                 if std::env::var_os("STREAMSPACE_BENCH_NO_AUTOVACUUM").is_some() {
                     s.push(("autovacuum".into(), "off".into()));
                 }
+                // Any other server setting, for investigations: `name=value,name=value`.
+                if let Ok(extra) = std::env::var("STREAMSPACE_BENCH_PG_SETTINGS") {
+                    for kv in extra.split(',').filter(|kv| !kv.is_empty()) {
+                        if let Some((k, v)) = kv.split_once('=') {
+                            s.push((k.trim().into(), v.trim().into()));
+                        }
+                    }
+                }
                 s
             },
             ..Default::default()
@@ -410,6 +418,12 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<()> {
     )?;
     println!("\n{}\n", table.join("\n"));
     println!("written to {}", summary_path.display());
+    if std::env::var_os("STREAMSPACE_BENCH_PG_SETTINGS").is_some() {
+        // The cluster's directory goes with it; keep its log for the investigation.
+        let kept = opts.out_dir.join("postgres.log");
+        std::fs::copy(env.cluster.log_path(), &kept)?;
+        println!("postgres log kept in {}", kept.display());
+    }
     Ok(())
 }
 

@@ -329,8 +329,14 @@ async fn idle_rate(
 ) -> anyhow::Result<(f64, i64, f64)> {
     let mut stack = record_stack(env, agents, gateway).await?;
     let result = async {
-        // Let start-up traffic (handshakes, first heartbeats) pass and flush.
-        tokio::time::sleep(Duration::from_secs(3)).await;
+        // Let start-up traffic (handshakes, first heartbeats) pass and be counted before
+        // the first reading. Backends report their transaction counts lazily: one that went
+        // idle within a second of its last report waits up to PGSTAT_IDLE_INTERVAL (10 s)
+        // for the next, and `pg_stat_force_next_flush()` only hurries the caller. With a
+        // 3 s settle the start-up burst was reported inside the window: 51 transactions
+        // counted against 24 that the server's statement log shows (parse or execute) in
+        // that window.
+        tokio::time::sleep(Duration::from_secs(12)).await;
         let mut conn = stack.pool.acquire().await?;
         if env.pgss {
             sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
