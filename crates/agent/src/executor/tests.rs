@@ -153,6 +153,16 @@ impl Harness {
             }
         }
     }
+
+    /// The next `n` results as `(command, lease token, outcome kind)`.
+    async fn outcomes(&mut self, n: usize) -> Vec<(String, i64, &'static str)> {
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            let r = self.next_result().await;
+            out.push((r.command_id.clone(), r.lease_token, outcome_kind(&r)));
+        }
+        out
+    }
 }
 
 fn failed(r: &proto::CommandResult) -> Option<(&str, bool)> {
@@ -398,14 +408,12 @@ async fn pipelined_commands_run_in_order_after_their_predecessor_completed() {
     h.deliver(pipelined("c3", "s1", "wake_session", 3, "c2"))
         .await;
     gate.add_permits(3);
-    let results: Vec<(String, &str)> = [
-        h.next_result().await,
-        h.next_result().await,
-        h.next_result().await,
-    ]
-    .iter()
-    .map(|r| (r.command_id.clone(), outcome_kind(r)))
-    .collect();
+    let results: Vec<(String, &str)> = h
+        .outcomes(3)
+        .await
+        .into_iter()
+        .map(|(id, _, kind)| (id, kind))
+        .collect();
     assert_eq!(
         results,
         [
@@ -435,15 +443,7 @@ async fn a_failed_command_stops_the_ones_pipelined_behind_it_until_they_are_rede
     h.deliver(pipelined("c4", "s1", "stop_session", 4, "c3"))
         .await;
     gate.add_permits(2);
-    let results: Vec<(String, i64, &str)> = [
-        h.next_result().await,
-        h.next_result().await,
-        h.next_result().await,
-        h.next_result().await,
-    ]
-    .iter()
-    .map(|r| (r.command_id.clone(), r.lease_token, outcome_kind(r)))
-    .collect();
+    let results = h.outcomes(4).await;
     assert_eq!(
         results,
         [
@@ -468,14 +468,7 @@ async fn a_failed_command_stops_the_ones_pipelined_behind_it_until_they_are_rede
         .await;
     h.deliver(pipelined("c4", "s1", "stop_session", 7, "c3"))
         .await;
-    let retried: Vec<(String, i64, &str)> = [
-        h.next_result().await,
-        h.next_result().await,
-        h.next_result().await,
-    ]
-    .iter()
-    .map(|r| (r.command_id.clone(), r.lease_token, outcome_kind(r)))
-    .collect();
+    let retried = h.outcomes(3).await;
     assert_eq!(
         retried,
         [

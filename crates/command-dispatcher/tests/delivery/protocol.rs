@@ -454,9 +454,9 @@ async fn dispatcher_without_poll(backoff: Duration) -> TestDispatcher {
     TestDispatcher::start_with(config).await
 }
 
-#[tokio::test]
-async fn a_retry_is_delivered_when_its_backoff_ends_not_at_the_next_poll() {
-    let d = dispatcher_without_poll(Duration::from_millis(300)).await;
+/// Queues one command for `agent-a`, connects, and fails its first delivery retryably.
+/// Returns the agent's token, its connection and the command's id.
+async fn fail_first_delivery(d: &TestDispatcher) -> (String, RawAgent, String) {
     let token = d.agent("agent-a").await;
     let cmd = stop("agent-a", "s-1");
     d.enqueue(std::slice::from_ref(&cmd)).await;
@@ -464,8 +464,15 @@ async fn a_retry_is_delivered_when_its_backoff_ends_not_at_the_next_poll() {
     let first = agent.next_command(LIMIT).await;
     agent.ack(&first).await;
     agent.fail(&first, true).await;
+    (token, agent, cmd.command_id.to_string())
+}
+
+#[tokio::test]
+async fn a_retry_is_delivered_when_its_backoff_ends_not_at_the_next_poll() {
+    let d = dispatcher_without_poll(Duration::from_millis(300)).await;
+    let (_token, mut agent, id) = fail_first_delivery(&d).await;
     let again = agent.next_command(LIMIT).await;
-    assert_eq!(again.command_id, cmd.command_id.to_string());
+    assert_eq!(again.command_id, id);
     assert_eq!(again.attempt, 2);
 }
 
@@ -474,14 +481,7 @@ async fn a_retry_scheduled_before_the_agent_reconnected_is_delivered_when_due() 
     // Backoff 2-4 s (jittered): long enough that the first connection is gone before the
     // retry is due.
     let d = dispatcher_without_poll(Duration::from_secs(4)).await;
-    let token = d.agent("agent-a").await;
-    let cmd = stop("agent-a", "s-1");
-    d.enqueue(std::slice::from_ref(&cmd)).await;
-    let mut agent = RawAgent::connect(&d.url(), &token).await;
-    let first = agent.next_command(LIMIT).await;
-    agent.ack(&first).await;
-    agent.fail(&first, true).await;
-    let id = cmd.command_id.to_string();
+    let (token, agent, id) = fail_first_delivery(&d).await;
     eventually("the failure written", LIMIT, || async {
         (d.statuses(std::slice::from_ref(&id)).await[0] == "pending").then_some(())
     })
