@@ -90,7 +90,8 @@ impl CommandQueue {
             WITH session_lock AS MATERIALIZED (
                 SELECT pg_advisory_xact_lock(21325, hashtext(s))
                 FROM (VALUES ($3::text)) AS v(s) WHERE s IS NOT NULL
-            )
+            ),
+            inserted AS (
             INSERT INTO agent_commands (command_id, agent_id, session_id, action, payload,
                                         max_attempts, idempotency_key, expires_at, trace_context)
             SELECT $1::text, $2::text, $3::text, $4::text, $5::jsonb, $6::int4, $7::text,
@@ -98,6 +99,12 @@ impl CommandQueue {
             WHERE (SELECT count(*) FROM session_lock) >= 0
             ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
             RETURNING seq, created_at
+            ),
+            -- The dispatchers' wake-up, in the same round trip (only for a new row).
+            -- Postgres folds identical notifications of one transaction into one.
+            notified AS MATERIALIZED (SELECT pg_notify($10, $2) FROM inserted)
+            SELECT seq AS "seq!", created_at AS "created_at!" FROM inserted
+            WHERE (SELECT count(*) FROM notified) >= 0
             "#,
             cmd.command_id.as_str(),
             cmd.agent_id,
@@ -108,6 +115,7 @@ impl CommandQueue {
             cmd.idempotency_key,
             cmd.expires_at,
             cmd.trace_context,
+            NOTIFY_CHANNEL,
         )
         .fetch_optional(&mut *conn)
         .await?;
@@ -117,7 +125,6 @@ impl CommandQueue {
             let key = cmd.idempotency_key.clone().unwrap_or_default();
             return Self::existing_for_key(conn, cmd, &payload, key).await;
         };
-        Self::notify(conn, &cmd.agent_id).await?;
         add(&METRICS.commands_enqueued, 1);
         Ok(Enqueued {
             command_id: cmd.command_id.clone(),
@@ -198,7 +205,8 @@ impl CommandQueue {
                 SELECT pg_advisory_xact_lock(21325, k.h)
                 FROM (SELECT DISTINCT hashtext(s) AS h FROM UNNEST($3::text[]) AS s
                       WHERE s IS NOT NULL ORDER BY 1) AS k
-            )
+            ),
+            inserted AS (
             INSERT INTO agent_commands (command_id, agent_id, session_id, action, payload,
                                         max_attempts, idempotency_key, expires_at, trace_context)
             SELECT command_id, agent_id, session_id, action, payload,
@@ -210,7 +218,14 @@ impl CommandQueue {
             WHERE (SELECT count(*) FROM session_locks) >= 0
             ORDER BY ord
             ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
-            RETURNING command_id, seq, created_at
+            RETURNING command_id, agent_id, seq, created_at
+            ),
+            -- One wake-up per agent with a new row, in the same round trip.
+            notified AS MATERIALIZED (
+                SELECT pg_notify($10, a) FROM (SELECT DISTINCT agent_id FROM inserted) AS i(a)
+            )
+            SELECT command_id AS "command_id!", seq AS "seq!", created_at AS "created_at!"
+            FROM inserted WHERE (SELECT count(*) FROM notified) >= 0
             "#,
             &ids,
             &agents,
@@ -221,6 +236,7 @@ impl CommandQueue {
             &keys as &[Option<String>],
             &expires as &[Option<DateTime<Utc>>],
             &traces as &[Option<String>],
+            NOTIFY_CHANNEL,
         )
         .fetch_all(&mut *conn)
         .await?;
@@ -230,13 +246,9 @@ impl CommandQueue {
             .map(|r| (r.command_id, (r.seq, r.created_at)))
             .collect();
         let mut out = Vec::with_capacity(cmds.len());
-        let mut notified = std::collections::HashSet::new();
         for cmd in cmds {
             match created.remove(cmd.command_id.as_str()) {
                 Some((seq, created_at)) => {
-                    if notified.insert(cmd.agent_id.as_str()) {
-                        Self::notify(conn, &cmd.agent_id).await?;
-                    }
                     out.push(Enqueued {
                         command_id: cmd.command_id.clone(),
                         seq,
@@ -255,14 +267,5 @@ impl CommandQueue {
             out.iter().filter(|e| e.created).count() as u64,
         );
         Ok(out)
-    }
-
-    /// One notification per agent and transaction: Postgres folds identical
-    /// notifications of one transaction into one, which keeps the commit-time lock short.
-    async fn notify(conn: &mut PgConnection, agent_id: &str) -> Result<()> {
-        sqlx::query!("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, agent_id)
-            .execute(&mut *conn)
-            .await?;
-        Ok(())
     }
 }

@@ -461,3 +461,44 @@ async fn next(
         .await
         .expect("a wake-up")
 }
+
+/// An enqueue wakes the dispatchers in its own statement: once per agent with a new
+/// command (a bulk enqueue for two agents wakes both), and not at all for a replayed
+/// idempotency key, whose command already exists.
+#[tokio::test]
+async fn enqueues_wake_each_agent_with_a_new_command_and_a_replay_wakes_nobody() {
+    use streamspace_core::queue::{CommandListener, Wakeup};
+
+    let q = queue().await;
+    let mut listener = CommandListener::new(q.pool().clone());
+    assert_eq!(listener.recv().await, Wakeup::Resync, "listening");
+    let mut keyed = stop("agent-a", Some("s-1"));
+    keyed.idempotency_key = Some("once".into());
+    let batch = [
+        keyed.clone(),
+        stop("agent-a", Some("s-2")),
+        stop("agent-b", Some("s-3")),
+    ];
+    let mut conn = q.pool().acquire().await.unwrap();
+    CommandQueue::command_enqueue_many(&mut conn, &batch)
+        .await
+        .unwrap();
+    let mut woken = vec![next(&mut listener).await, next(&mut listener).await];
+    woken.sort_by_key(|w| format!("{w:?}"));
+    assert_eq!(
+        woken,
+        [
+            Wakeup::Agent("agent-a".into()),
+            Wakeup::Agent("agent-b".into())
+        ]
+    );
+
+    // The replay (agent-a's) creates nothing and announces nothing: the next wake-up is
+    // the following enqueue's, agent-b's.
+    let replay = CommandQueue::command_enqueue(&mut conn, &keyed)
+        .await
+        .unwrap();
+    assert!(!replay.created);
+    enqueue(&q, &stop("agent-b", None)).await;
+    assert_eq!(next(&mut listener).await, Wakeup::Agent("agent-b".into()));
+}
