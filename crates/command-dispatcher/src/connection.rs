@@ -48,7 +48,12 @@ const RETRY_CAP: Duration = Duration::from_secs(2);
 /// Bound on the clean-up's database writes; past it the leases expire and are rescued.
 const CLEAN_UP_TIMEOUT: Duration = Duration::from_secs(5);
 
-type Outbound = mpsc::Sender<Result<pb::DispatcherMessage, Status>>;
+/// One message (or the final status) for the agent. Boxed in the channel: tokio allocates
+/// a channel's slots 32 at a time, and 32 unboxed slots are 5 KB per connection whether
+/// or not anything waits in them (heaptrack, `docs/performance.md`).
+pub type Outgoing = Box<Result<pb::DispatcherMessage, Status>>;
+
+type Outbound = mpsc::Sender<Outgoing>;
 
 /// Counts a handshake from authentication to `Welcome` (or failure) on `/metrics`.
 struct HandshakeGauge<'a>(&'a Shared);
@@ -82,7 +87,7 @@ pub async fn accept(
     shared: Arc<Shared>,
     identity: AgentIdentity,
     mut inbound: Streaming<pb::AgentMessage>,
-) -> Result<ReceiverStream<Result<pb::DispatcherMessage, Status>>, Status> {
+) -> Result<ReceiverStream<Outgoing>, Status> {
     let _gauge = HandshakeGauge::new(&shared);
     let agent_id = identity.agent_id.clone();
     let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
@@ -166,7 +171,7 @@ async fn handshake(
     epoch: i64,
     hello: &pb::Hello,
     inbound: Streaming<pb::AgentMessage>,
-) -> Result<ReceiverStream<Result<pb::DispatcherMessage, Status>>, Status> {
+) -> Result<ReceiverStream<Outgoing>, Status> {
     let pool = shared.queue.pool();
     let superseded = |e: streamspace_core::Error| match e {
         streamspace_core::Error::Superseded { .. } => {
@@ -255,7 +260,7 @@ async fn handshake(
             protocol_version: pb::PROTOCOL_VERSION,
         })),
     };
-    tx.send(Ok(welcome))
+    tx.send(Box::new(Ok(welcome)))
         .await
         .map_err(|_| Status::cancelled("agent went away during handshake"))?;
     tracing::info!(
@@ -372,7 +377,7 @@ impl Connection {
             Ended::AgentClosed | Ended::StreamError(_) => None,
         };
         if let Some(status) = status {
-            let _ = tx.try_send(Err(status));
+            let _ = tx.try_send(Box::new(Err(status)));
         }
         // Dropping the last sender ends the response stream; the agent reconnects.
         drop(tx);
@@ -454,7 +459,7 @@ impl Connection {
                             let msg = pb::DispatcherMessage {
                                 msg: Some(dispatcher_message::Msg::Command(command)),
                             };
-                            if tx.send(Ok(msg)).await.is_err() {
+                            if tx.send(Box::new(Ok(msg))).await.is_err() {
                                 return; // the stream is gone; clean-up releases the leases
                             }
                         }

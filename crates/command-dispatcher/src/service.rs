@@ -4,7 +4,7 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
-use futures_util::Stream;
+use futures_util::{Stream, StreamExt};
 use streamspace_proto::agent::v1 as pb;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -53,6 +53,6 @@ impl pb::agent_service_server::AgentService for AgentServiceImpl {
         }
         let inbound = request.into_inner();
         let outbound = connection::accept(self.shared.clone(), identity, inbound).await?;
-        Ok(Response::new(Box::pin(outbound)))
+        Ok(Response::new(Box::pin(outbound.map(|message| *message))))
     }
 }

@@ -496,3 +496,52 @@ async fn a_retry_scheduled_before_the_agent_reconnected_is_delivered_when_due() 
     assert_eq!(again.attempt, 2);
     beating.abort();
 }
+
+/// Calls start with small codec buffers (`streamspace_proto::codec`), which must grow for
+/// larger messages: a Hello many times that size is read whole, and a command with a
+/// payload near its limit arrives intact.
+#[tokio::test]
+async fn messages_far_larger_than_the_starting_buffers_cross_whole() {
+    use streamspace_core::command::StartSession;
+
+    let d = TestDispatcher::start().await;
+    let token = d.agent("agent-a").await;
+    // Capabilities this dispatcher does not know are ignored, so they make a large Hello
+    // that changes nothing else.
+    let mut first = hello(vec![]);
+    if let Some(Msg::Hello(h)) = first.msg.as_mut() {
+        h.capabilities = (0..2_000)
+            .map(|i| format!("x-unknown-capability-{i:05}"))
+            .collect();
+    }
+    assert!(
+        prost::Message::encoded_len(&first) > 32 * streamspace_proto::codec::BUFFER_BYTES,
+        "the Hello is larger than the buffers"
+    );
+    let mut agent = RawAgent::connect_with(&d.url(), &token, first).await;
+    eventually("the agent online", LIMIT, || async {
+        d.agent_online("agent-a").await.then_some(())
+    })
+    .await;
+
+    let env = (0..600)
+        .map(|i| (format!("VARIABLE_{i:04}"), "x".repeat(80)))
+        .collect();
+    let start = NewCommand::new(
+        "agent-a",
+        Some("s-big".into()),
+        streamspace_core::command::CommandKind::StartSession(StartSession {
+            template: "firefox-browser".into(),
+            user_id: None,
+            resources: None,
+            home_volume: false,
+            env,
+        }),
+    );
+    d.enqueue(std::slice::from_ref(&start)).await;
+    let got = agent.next_command(LIMIT).await;
+    assert_eq!(got.command_id, start.command_id.to_string());
+    let payload: serde_json::Value = serde_json::from_str(&got.payload_json).unwrap();
+    assert_eq!(payload, start.kind.payload());
+    assert!(got.payload_json.len() > 32 * streamspace_proto::codec::BUFFER_BYTES);
+}
