@@ -157,9 +157,15 @@ pub async fn create(env: &Env) -> anyhow::Result<Run> {
             }
         };
         closed_loop(Duration::from_secs(1), op.clone()).await?;
+        if env.pgss {
+            super::queue::pgss_reset(&mut *stack.pool.acquire().await?).await?;
+        }
         let started = Instant::now();
         let (ok, mut lat) = closed_loop(window, op.clone()).await?;
         let rate = ok as f64 / started.elapsed().as_secs_f64();
+        if env.pgss {
+            super::queue::print_top_statements(&stack.pool, "saturated creates").await?;
+        }
         let open = open_loop(1_000.0, window, move |n, _| op(n)).await?;
         let mut open_lat: Vec<f64> = open.into_iter().map(|(ms, ())| ms).collect();
         Ok(Run {

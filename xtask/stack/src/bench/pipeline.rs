@@ -155,12 +155,7 @@ async fn drain(env: &Env, sessions: Option<usize>) -> anyhow::Result<Run> {
         enqueue_all(&stack.pool, &cmds).await?;
         sqlx::query("CHECKPOINT").execute(&stack.pool).await?;
         if env.pgss {
-            sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
-                .execute(&stack.pool)
-                .await?;
-            sqlx::query("SELECT pg_stat_statements_reset()")
-                .execute(&stack.pool)
-                .await?;
+            super::queue::pgss_reset(&mut *stack.pool.acquire().await?).await?;
         }
         let spawned = Instant::now();
         stack.spawn_agent(0).await?;
@@ -294,11 +289,14 @@ pub async fn reconnect(env: &Env) -> anyhow::Result<Run> {
 /// that take the measurement are subtracted).
 pub async fn idle(env: &Env) -> anyhow::Result<Run> {
     let window = Duration::from_secs(if env.full() { 60 } else { 20 });
-    // The same window three times, adding one service each time, so the figure can be
-    // attributed: the dispatcher alone, then with its agent, then with the gateway.
-    let dispatcher = idle_rate(env, window, 0, false).await?;
-    let with_agent = idle_rate(env, window, 1, false).await?;
-    let all = idle_rate(env, window, 1, true).await?;
+    // Three stacks, each adding one service, so the figure can be attributed: the
+    // dispatcher alone, then with its agent, then with the gateway. They idle side by
+    // side, each in its own database (PostgreSQL counts transactions per database).
+    let (dispatcher, with_agent, all) = tokio::try_join!(
+        idle_rate(env, window, 0, false),
+        idle_rate(env, window, 1, false),
+        idle_rate(env, window, 1, true),
+    )?;
     Ok(Run {
         value: all.0,
         secondary: None,
@@ -339,12 +337,7 @@ async fn idle_rate(
         tokio::time::sleep(Duration::from_secs(12)).await;
         let mut conn = stack.pool.acquire().await?;
         if env.pgss {
-            sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
-                .execute(&mut *conn)
-                .await?;
-            sqlx::query("SELECT pg_stat_statements_reset()")
-                .execute(&mut *conn)
-                .await?;
+            super::queue::pgss_reset(&mut conn).await?;
         }
         let read = "SELECT xact_commit + xact_rollback FROM pg_stat_database
                     WHERE datname = current_database()";

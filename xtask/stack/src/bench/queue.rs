@@ -115,12 +115,7 @@ async fn drain_with(
     sqlx::query("CHECKPOINT").execute(&pool).await?;
 
     if env.pgss {
-        sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
-            .execute(&pool)
-            .await?;
-        sqlx::query("SELECT pg_stat_statements_reset()")
-            .execute(&pool)
-            .await?;
+        pgss_reset(&mut *pool.acquire().await?).await?;
     }
     let done = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
@@ -185,6 +180,17 @@ async fn drain_with(
     }
     pool.close().await;
     Ok((enqueue_per_s, drain_per_s))
+}
+
+/// Starts `pg_stat_statements` afresh (`--pgss`).
+pub async fn pgss_reset(conn: &mut sqlx::PgConnection) -> anyhow::Result<()> {
+    sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query("SELECT pg_stat_statements_reset()")
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
 }
 
 /// Prints the statements of `what` by total execution time, with their calls (`--pgss`).

@@ -25,7 +25,7 @@ const CONCURRENCY: usize = 64;
 
 pub async fn streams(env: &Env) -> anyhow::Result<Run> {
     let n = 10_000;
-    let window = Duration::from_secs(if env.full() { 60 } else { 20 });
+    let window = Duration::from_secs(if env.full() { 60 } else { 10 });
     // Each side holds one socket per agent (the simulator here, the dispatcher, which
     // inherits the limit, there).
     raise_fd_limit(n as u64 + 1_024)?;
