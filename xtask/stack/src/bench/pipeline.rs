@@ -288,7 +288,7 @@ pub async fn reconnect(env: &Env) -> anyhow::Result<Run> {
 /// transactions per second in their database (PostgreSQL's own counters; the two reads
 /// that take the measurement are subtracted).
 pub async fn idle(env: &Env) -> anyhow::Result<Run> {
-    let window = Duration::from_secs(if env.full() { 60 } else { 20 });
+    let window = Duration::from_secs(if env.full() { 60 } else { 10 });
     // Three stacks, each adding one service, so the figure can be attributed: the
     // dispatcher alone, then with its agent, then with the gateway. They idle side by
     // side, each in its own database (PostgreSQL counts transactions per database).
