@@ -176,9 +176,14 @@ impl CommandQueue {
             ), followers AS (
                 -- Only an unbroken run: a follower whose predecessor was skipped (locked
                 -- elsewhere, or cut by the limit) must wait for its own turn.
-                SELECT l.command_id, l.session_id, l.seq FROM locked l
-                WHERE l.depth = (SELECT count(*) FROM locked m
-                                 WHERE m.session_id = l.session_id AND m.depth <= l.depth)
+                -- A session's locked depths are distinct, so its run is unbroken exactly
+                -- while each depth equals its rank among them.
+                SELECT r.command_id, r.session_id, r.seq
+                FROM (SELECT l.command_id, l.session_id, l.seq, l.depth,
+                             row_number() OVER (PARTITION BY l.session_id ORDER BY l.depth)
+                                 AS rank
+                      FROM locked l) r
+                WHERE r.depth = r.rank
             ), claimed AS (
                 SELECT u.command_id,
                        lag(u.command_id) OVER (PARTITION BY u.session_id ORDER BY u.seq)
