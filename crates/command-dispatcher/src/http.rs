@@ -161,6 +161,11 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
             "agent TLS handshakes that failed or timed out",
             &stats.tls_handshake_failures,
         ),
+        (
+            "streamspace_dispatcher_handshakes_abandoned_total",
+            "Connect calls the agent left before the handshake finished",
+            &stats.handshakes_abandoned,
+        ),
     ];
     let tls_counters = shared.tls.as_ref().map(|tls| {
         [

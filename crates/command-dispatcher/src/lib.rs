@@ -65,6 +65,9 @@ pub(crate) struct Shared {
 pub(crate) struct ReplicaStats {
     /// Connections between authentication and `Welcome`.
     pub handshakes_in_progress: AtomicI64,
+    /// Calls whose agent went away before the handshake finished (the handshake still
+    /// runs to its end, and undoes or cleans up what it recorded).
+    pub handshakes_abandoned: AtomicU64,
     /// Agent reports (acks, results, observations) whose write failed and is retried.
     pub report_write_errors: AtomicU64,
     /// Acks and results for a lease this connection does not hold, ignored.

@@ -52,7 +52,38 @@ impl pb::agent_service_server::AgentService for AgentServiceImpl {
             }
         }
         let inbound = request.into_inner();
-        let outbound = connection::accept(self.shared.clone(), identity, inbound).await?;
-        Ok(Response::new(Box::pin(outbound.map(|message| *message))))
+        // The handshake runs as a task of its own. Its first step records the connection
+        // in the database; if the agent goes away after that (killed, cut off), the server
+        // drops this call's future, and a handshake dropped mid-way could neither finish
+        // (and be cleaned up when the stream fails) nor undo the record: the agent stayed
+        // recorded as connected to a connection nobody served.
+        let mut abandoned = Abandoned {
+            shared: &self.shared,
+            finished: false,
+        };
+        let handshake = tokio::spawn(connection::accept(self.shared.clone(), identity, inbound));
+        let outbound = handshake.await.map_err(|e| {
+            tracing::error!(error = %e, "an agent handshake task failed");
+            Status::internal("the handshake failed inside the dispatcher; reconnect")
+        });
+        abandoned.finished = true;
+        Ok(Response::new(Box::pin(outbound??.map(|message| *message))))
+    }
+}
+
+/// Counts a `Connect` call dropped before its handshake finished.
+struct Abandoned<'a> {
+    shared: &'a Shared,
+    finished: bool,
+}
+
+impl Drop for Abandoned<'_> {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.shared
+                .stats
+                .handshakes_abandoned
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 }

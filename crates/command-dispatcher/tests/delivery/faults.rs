@@ -13,7 +13,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::helpers::{
     RawAgent, TestDispatcher, channel, database_behind_proxy, dispatcher_behind, eventually, hello,
-    keep_beating, last_heartbeat, stop,
+    keep_beating, last_heartbeat, open, stop,
 };
 
 /// Generous bound for anything a test waits on; reaching it is a failure, not a timing.
@@ -439,4 +439,66 @@ async fn handshakes_in_progress_returns_to_zero() {
             .await,
         0.0
     );
+}
+
+/// An agent that goes away in the middle of its handshake — after the dispatcher recorded
+/// the connection, before the `Welcome` — does not stay recorded as connected. Before, the
+/// server dropped the call's future at the agent's reset, and with it the handshake's undo:
+/// `connected_owner` named a connection nobody served until the agent came back (seen in
+/// the benchmarks as a killed agent still connected 30 s later).
+#[tokio::test]
+async fn an_agent_that_leaves_mid_handshake_is_not_left_connected() {
+    let d = TestDispatcher::start().await;
+    let token = d.agent("agent-a").await;
+    // A running session the agent will not report: reconciling marks it lost, and this
+    // transaction's row lock holds the handshake there, after the connect is recorded.
+    sqlx::query(
+        "INSERT INTO sessions (id, user_id, template, agent_id, state)
+         VALUES ('s-held', 'u', 'firefox-browser', 'agent-a', 'running')",
+    )
+    .execute(&d.pool)
+    .await
+    .unwrap();
+    let mut held = d.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM sessions WHERE id = 's-held' FOR UPDATE")
+        .execute(&mut *held)
+        .await
+        .unwrap();
+
+    let url = d.url();
+    let call = tokio::spawn(async move { open(&url, Some(&token), hello(vec![])).await });
+    eventually("the handshake recorded and waiting", LIMIT, || async {
+        let (recorded, waiting): (bool, bool) = sqlx::query_as(
+            "SELECT EXISTS (SELECT 1 FROM agents
+                            WHERE agent_id = 'agent-a' AND connected_owner IS NOT NULL),
+                    EXISTS (SELECT 1 FROM pg_locks WHERE NOT granted)",
+        )
+        .fetch_one(&d.pool)
+        .await
+        .unwrap();
+        (recorded && waiting).then_some(())
+    })
+    .await;
+
+    // The agent goes away; the server gives up the call.
+    call.abort();
+    eventually("the call abandoned", LIMIT, || async {
+        (d.metric("streamspace_dispatcher_handshakes_abandoned_total")
+            .await
+            == 1.0)
+            .then_some(())
+    })
+    .await;
+    held.rollback().await.unwrap();
+
+    eventually("the connection no longer recorded", LIMIT, || async {
+        let owner: Option<String> =
+            sqlx::query_scalar("SELECT connected_owner FROM agents WHERE agent_id = 'agent-a'")
+                .fetch_one(&d.pool)
+                .await
+                .unwrap();
+        owner.is_none().then_some(())
+    })
+    .await;
+    assert!(!d.agent_online("agent-a").await);
 }
