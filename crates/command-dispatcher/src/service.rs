@@ -61,13 +61,14 @@ impl pb::agent_service_server::AgentService for AgentServiceImpl {
             shared: &self.shared,
             finished: false,
         };
-        let handshake = tokio::spawn(connection::accept(self.shared.clone(), identity, inbound));
-        let outbound = handshake.await.map_err(|e| {
+        let handshake =
+            tokio::spawn(connection::accept(self.shared.clone(), identity, inbound)).await;
+        abandoned.finished = true;
+        let outbound = handshake.map_err(|e| {
             tracing::error!(error = %e, "an agent handshake task failed");
             Status::internal("the handshake failed inside the dispatcher; reconnect")
-        });
-        abandoned.finished = true;
-        Ok(Response::new(Box::pin(outbound??.map(|message| *message))))
+        })??;
+        Ok(Response::new(Box::pin(outbound.map(|message| *message))))
     }
 }
 

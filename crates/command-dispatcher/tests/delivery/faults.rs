@@ -12,8 +12,8 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::helpers::{
-    RawAgent, TestDispatcher, channel, database_behind_proxy, dispatcher_behind, eventually, hello,
-    keep_beating, last_heartbeat, open, stop,
+    RawAgent, TestDispatcher, channel, connected_owner, database_behind_proxy, dispatcher_behind,
+    eventually, hello, keep_beating, last_heartbeat, open, stop,
 };
 
 /// Generous bound for anything a test waits on; reaching it is a failure, not a timing.
@@ -281,12 +281,10 @@ async fn a_failed_handshake_leaves_no_phantom_online_agent() {
     proxy.hold_pg_completions();
     tx.send(hello(vec![])).await.unwrap();
     eventually("the connect committed", LIMIT, || async {
-        let (owner,): (Option<String>,) =
-            sqlx::query_as("SELECT connected_owner FROM agents WHERE agent_id = 'agent-a'")
-                .fetch_one(&d.pool)
-                .await
-                .unwrap();
-        owner.is_some().then_some(())
+        connected_owner(&d.pool, "agent-a")
+            .await
+            .is_some()
+            .then_some(())
     })
     .await;
     // The connect's reply is lost with its connection.
@@ -302,12 +300,10 @@ async fn a_failed_handshake_leaves_no_phantom_online_agent() {
         tonic::Code::Unavailable
     );
     eventually("the connect undone", LIMIT, || async {
-        let (owner,): (Option<String>,) =
-            sqlx::query_as("SELECT connected_owner FROM agents WHERE agent_id = 'agent-a'")
-                .fetch_one(&d.pool)
-                .await
-                .unwrap();
-        owner.is_none().then_some(())
+        connected_owner(&d.pool, "agent-a")
+            .await
+            .is_none()
+            .then_some(())
     })
     .await;
     assert!(!d.agent_online("agent-a").await);
@@ -492,12 +488,10 @@ async fn an_agent_that_leaves_mid_handshake_is_not_left_connected() {
     held.rollback().await.unwrap();
 
     eventually("the connection no longer recorded", LIMIT, || async {
-        let owner: Option<String> =
-            sqlx::query_scalar("SELECT connected_owner FROM agents WHERE agent_id = 'agent-a'")
-                .fetch_one(&d.pool)
-                .await
-                .unwrap();
-        owner.is_none().then_some(())
+        connected_owner(&d.pool, "agent-a")
+            .await
+            .is_none()
+            .then_some(())
     })
     .await;
     assert!(!d.agent_online("agent-a").await);

@@ -446,6 +446,15 @@ pub fn keep_beating(tx: &mpsc::Sender<pb::AgentMessage>, every: Duration) -> Joi
     })
 }
 
+/// The connection the database names as the agent's current one (`None`: not connected).
+pub async fn connected_owner(pool: &PgPool, agent_id: &str) -> Option<String> {
+    sqlx::query_scalar("SELECT connected_owner FROM agents WHERE agent_id = $1")
+        .bind(agent_id)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
 /// The agent's `last_heartbeat_at`, as microseconds (for "a newer heartbeat was recorded").
 pub async fn last_heartbeat(pool: &PgPool, agent_id: &str) -> i64 {
     let (at,): (Option<i64>,) = sqlx::query_as(

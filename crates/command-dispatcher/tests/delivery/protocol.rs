@@ -6,7 +6,9 @@ use std::time::Duration;
 use streamspace_core::queue::NewCommand;
 use streamspace_proto::agent::v1::{self as pb, agent_message::Msg};
 
-use crate::helpers::{RawAgent, TestDispatcher, eventually, hello, keep_beating, open, stop};
+use crate::helpers::{
+    RawAgent, TestDispatcher, connected_owner, eventually, hello, keep_beating, open, stop,
+};
 
 const LIMIT: Duration = Duration::from_secs(10);
 
@@ -204,11 +206,9 @@ async fn a_new_connection_fences_the_old_one_and_the_agent_stays_online() {
     d.enqueue(std::slice::from_ref(&cmd)).await;
 
     let mut old = RawAgent::connect(&d.url(), &token).await;
-    let (old_owner,): (String,) =
-        sqlx::query_as("SELECT connected_owner FROM agents WHERE agent_id = 'agent-a'")
-            .fetch_one(&d.pool)
-            .await
-            .unwrap();
+    let old_owner = connected_owner(&d.pool, "agent-a")
+        .await
+        .expect("the first connection recorded");
     let held = old.next_command(LIMIT).await;
     old.ack(&held).await;
 
