@@ -254,20 +254,33 @@ impl Api {
             .begin()
             .await
             .map_err(|e| self.core_error(e.into()))?;
+        let replay = self.claim_key(&mut tx, caller, operation, params).await?;
+        Ok((tx, replay))
+    }
+
+    /// Claims the caller's `Idempotency-Key` (if any) in the request's transaction: the
+    /// stored answer when this very request was answered before.
+    async fn claim_key<T: DeserializeOwned>(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        caller: &Caller,
+        operation: &str,
+        params: &impl Serialize,
+    ) -> Result<Option<T>, ApiError> {
         let Some(key) = &caller.idempotency_key else {
-            return Ok((tx, None));
+            return Ok(None);
         };
         let fingerprint = request_fingerprint(operation, params);
-        match idempotency::idempotency_claim(&mut tx, &caller.principal.user_id, key, &fingerprint)
+        match idempotency::idempotency_claim(conn, &caller.principal.user_id, key, &fingerprint)
             .await
             .map_err(|e| self.core_error(e))?
         {
-            IdempotencyClaim::Fresh => Ok((tx, None)),
+            IdempotencyClaim::Fresh => Ok(None),
             IdempotencyClaim::Replay(answer) => {
                 let answer = serde_json::from_value(answer).map_err(|e| {
                     ApiError::Internal(format!("stored idempotent answer does not decode: {e}"))
                 })?;
-                Ok((tx, Some(answer)))
+                Ok(Some(answer))
             }
             IdempotencyClaim::Mismatch => Err(ApiError::IdempotencyMismatch(format!(
                 "Idempotency-Key {key:?} was already used for a different request; use a new key for a new request"
@@ -323,10 +336,6 @@ impl Api {
                 check_location(what, v)?;
             }
         }
-        let (mut tx, replay) = self.begin(caller, "create_session", &req).await?;
-        if let Some(answer) = replay {
-            return Ok(answer);
-        }
         let new = NewSession {
             user_id: caller.principal.user_id.clone(),
             template: req.template.clone(),
@@ -347,6 +356,15 @@ impl Api {
             max_active_per_user: Some(self.inner.config.limits.max_active_sessions_per_user)
                 .filter(|max| *max > 0),
         };
+        let mut tx = sessions::CreateTx::begin(&self.inner.pool, &new)
+            .await
+            .map_err(|e| self.core_error(e))?;
+        if let Some(answer) = self
+            .claim_key(tx.conn(), caller, "create_session", &req)
+            .await?
+        {
+            return Ok(answer);
+        }
         let created = sessions::session_create(&mut tx, &new)
             .await
             .map_err(|e| self.core_error(e))?;
@@ -356,7 +374,7 @@ impl Api {
             agent_id: created.agent_id,
             command_id: created.command_id.to_string(),
         };
-        self.commit(caller, tx, &answer).await?;
+        self.commit(caller, tx.into_inner(), &answer).await?;
         tracing::info!(session_id = %answer.id, agent_id = %answer.agent_id, command_id = %answer.command_id, user = %caller.principal.user_id, "session created");
         Ok(answer)
     }

@@ -280,7 +280,7 @@ async fn no_eligible_agent_is_503_with_retry_after() {
 
 #[tokio::test]
 async fn a_create_racing_for_an_agents_last_place_waits_and_then_finds_it_taken() {
-    use streamspace_core::api::sessions::session_create;
+    use streamspace_core::api::sessions::{CreateTx, session_create};
     use streamspace_core::api::{NewSession, Placement};
 
     let gw = TestGateway::start().await;
@@ -302,36 +302,20 @@ async fn a_create_racing_for_an_agents_last_place_waits_and_then_finds_it_taken(
         max_active_per_user: None,
     };
     // The first create takes the last place and has not committed yet...
-    let mut first = gw.pool.begin().await.unwrap();
+    let mut first = CreateTx::begin(&gw.pool, &new("alice")).await.unwrap();
     session_create(&mut first, &new("alice")).await.unwrap();
     // ...when a second one, by another user, looks for a place.
     let second = {
         let (pool, new) = (gw.pool.clone(), new("bob"));
         tokio::spawn(async move {
-            let mut tx = pool.begin().await.unwrap();
+            let mut tx = CreateTx::begin(&pool, &new).await.unwrap();
             let out = session_create(&mut tx, &new).await;
-            tx.commit().await.unwrap();
+            tx.into_inner().commit().await.unwrap();
             out
         })
     };
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    loop {
-        let waiting: bool = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND NOT granted)",
-        )
-        .fetch_one(&gw.pool)
-        .await
-        .unwrap();
-        if waiting || second.is_finished() {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the second create neither finished nor waited"
-        );
-        tokio::task::yield_now().await;
-    }
-    first.commit().await.unwrap();
+    wait_until_waiting_on_a_lock_or_finished(&gw.pool, &second).await;
+    first.into_inner().commit().await.unwrap();
     let err = second.await.unwrap().unwrap_err();
     assert!(err.to_string().contains("max_sessions"), "{err}");
     assert_eq!(
@@ -339,6 +323,78 @@ async fn a_create_racing_for_an_agents_last_place_waits_and_then_finds_it_taken(
         1,
         "the agent holds one session, its maximum"
     );
+}
+
+/// Polls until some transaction waits for an advisory lock, or `task` has finished
+/// (then the caller's assertions tell whether it should have waited).
+async fn wait_until_waiting_on_a_lock_or_finished<T>(
+    pool: &sqlx::PgPool,
+    task: &tokio::task::JoinHandle<T>,
+) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let waiting: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND NOT granted)",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        if waiting || task.is_finished() {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the second create neither finished nor waited"
+        );
+        tokio::task::yield_now().await;
+    }
+}
+
+/// The quota is counted under the user's lock, taken with the transaction's `BEGIN`: a
+/// create racing another by the same user for the last place waits for it, then counts
+/// what it committed and is refused (with the lock missing, both would count one active
+/// session and both insert).
+#[tokio::test]
+async fn a_create_racing_for_the_users_last_place_waits_and_then_is_refused() {
+    use streamspace_core::Error;
+    use streamspace_core::api::sessions::{CreateTx, session_create};
+    use streamspace_core::api::{NewSession, Placement};
+
+    let gw = TestGateway::start().await;
+    gw.online_agent("a-1", "default").await;
+    let new = || NewSession {
+        user_id: "alice".into(),
+        template: "xterm".into(),
+        resources: None,
+        placement: Placement::default(),
+        offline_after: std::time::Duration::from_secs(15),
+        trace_context: None,
+        max_active_per_user: Some(2),
+    };
+    let mut tx = CreateTx::begin(&gw.pool, &new()).await.unwrap();
+    session_create(&mut tx, &new()).await.unwrap();
+    tx.into_inner().commit().await.unwrap();
+    // The second create takes the last place and has not committed yet...
+    let mut second = CreateTx::begin(&gw.pool, &new()).await.unwrap();
+    session_create(&mut second, &new()).await.unwrap();
+    // ...when a third one, by the same user, counts.
+    let third = {
+        let pool = gw.pool.clone();
+        tokio::spawn(async move {
+            let mut tx = CreateTx::begin(&pool, &new()).await?;
+            let out = session_create(&mut tx, &new()).await?;
+            tx.into_inner().commit().await?;
+            Ok::<_, Error>(out)
+        })
+    };
+    wait_until_waiting_on_a_lock_or_finished(&gw.pool, &third).await;
+    second.into_inner().commit().await.unwrap();
+    let err = third.await.unwrap().unwrap_err();
+    assert!(
+        matches!(&err, Error::QuotaExceeded(m) if m.contains("most allowed is 2")),
+        "{err:?}"
+    );
+    assert_eq!(gw.count("sessions").await, 2, "alice holds her maximum");
 }
 
 #[tokio::test]

@@ -11,6 +11,10 @@
 //! transaction lock and counts again, so no two creates can both take its last place.
 //! (Before, every create in the system queued behind one global lock held through its
 //! commit's fsync.)
+//!
+//! The choice itself is the SQL function `streamspace_placement` (migration 8), so the
+//! session create can choose and insert in one statement while the rules stay written
+//! once; this module adds the capacity lock and the errors.
 
 use std::time::Duration;
 
@@ -53,32 +57,8 @@ pub async fn agent_choose(
     while full.len() < MAX_PLACEMENT_TRIES {
         let Some(chosen) = sqlx::query!(
             r#"
-            WITH candidates AS (
-                SELECT a.agent_id, a.max_sessions,
-                       (a.connected_owner IS NOT NULL
-                        AND a.last_heartbeat_at > now() - make_interval(secs => $3)) AS online
-                FROM agents a
-                WHERE ($1::text IS NULL OR a.cluster = $1)
-                  AND ($2::text IS NULL OR a.region = $2)
-                  AND a.agent_id <> ALL($4)
-            )
-            SELECT c.agent_id AS "agent_id!", c.max_sessions
-            FROM candidates c
-            CROSS JOIN LATERAL (
-                -- Load decides only between several candidates or against a capacity;
-                -- a lone uncapped candidate is taken without counting its sessions.
-                SELECT CASE
-                    WHEN c.max_sessions IS NULL AND (SELECT count(*) FROM candidates) = 1
-                        THEN 0
-                    ELSE (SELECT count(*) FROM sessions s
-                          WHERE s.agent_id = c.agent_id
-                            AND s.state NOT IN ('terminated', 'failed'))
-                    END AS active
-            ) load
-            WHERE (c.max_sessions IS NULL OR load.active < c.max_sessions)
-              AND (c.online OR $1::text IS NOT NULL)
-            ORDER BY c.online DESC, load.active, c.agent_id
-            LIMIT 1
+            SELECT agent_id AS "agent_id!", max_sessions
+            FROM streamspace_placement($1, $2, $3, $4)
             "#,
             placement.cluster,
             placement.region,

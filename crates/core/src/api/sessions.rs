@@ -100,67 +100,143 @@ pub fn session_id_new(user_id: &str, template: &str) -> String {
     format!("{user}-{template}-{}", hex::encode(suffix))
 }
 
-/// [`Error::QuotaExceeded`] when `user_id` already has `max` active sessions. Takes a
-/// per-user transaction lock first, so two concurrent creates by one user are counted
-/// one after the other (other users are not held up).
-async fn session_quota_check(conn: &mut PgConnection, user_id: &str, max: u32) -> Result<()> {
-    sqlx::query!(
-        "SELECT pg_advisory_xact_lock(hashtextextended('session-quota:' || $1, 0))",
-        user_id
-    )
-    .execute(&mut *conn)
-    .await?;
-    let active = sqlx::query_scalar!(
+/// A transaction that creates sessions for one user. When a quota applies it is begun
+/// holding the user's quota lock, taken in the same round trip as its `BEGIN`: two
+/// concurrent creates by one user are counted one after the other (other users are not
+/// held up), and every statement the create runs takes its snapshot after the lock was
+/// granted, so it sees what the previous holder committed.
+pub struct CreateTx {
+    tx: sqlx::Transaction<'static, sqlx::Postgres>,
+    user_id: String,
+    quota_locked: bool,
+}
+
+impl std::fmt::Debug for CreateTx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CreateTx")
+            .field("user_id", &self.user_id)
+            .field("quota_locked", &self.quota_locked)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CreateTx {
+    /// Begins the transaction for creating `new` (see the type's docs).
+    pub async fn begin(pool: &PgPool, new: &NewSession) -> Result<Self> {
+        let quota_locked = new.max_active_per_user.is_some();
+        let tx = if quota_locked {
+            // A simple-protocol query takes no parameters; the key is an integer computed
+            // here, so nothing the user sent is spliced into the SQL.
+            let key = quota_lock_key(&new.user_id);
+            pool.begin_with(sqlx::AssertSqlSafe(format!(
+                "BEGIN; SELECT pg_advisory_xact_lock({key})"
+            )))
+            .await?
+        } else {
+            pool.begin().await?
+        };
+        Ok(Self {
+            tx,
+            user_id: new.user_id.clone(),
+            quota_locked,
+        })
+    }
+
+    /// The transaction's connection, for what else the request writes in it.
+    pub fn conn(&mut self) -> &mut PgConnection {
+        &mut self.tx
+    }
+
+    pub fn into_inner(self) -> sqlx::Transaction<'static, sqlx::Postgres> {
+        self.tx
+    }
+}
+
+/// The advisory lock key of `user_id`'s session quota: the first 8 bytes of a SHA-256,
+/// the same on every gateway and every version.
+fn quota_lock_key(user_id: &str) -> i64 {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(format!("session-quota:{user_id}").as_bytes());
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    i64::from_be_bytes(first)
+}
+
+fn quota_exceeded(active: i64, max: u32) -> Error {
+    Error::QuotaExceeded(format!(
+        "you already have {active} active sessions, the most allowed is {max}; stop one first"
+    ))
+}
+
+/// Creates a session on the chosen agent and enqueues its `start_session`, in `tx`.
+/// [`Error::QuotaExceeded`] when the user already has `max_active_per_user` active
+/// sessions; [`Error::NoEligibleAgent`] when no agent qualifies.
+///
+/// The common case is one statement: the user's active count, placement
+/// (`streamspace_placement`, migration 8) and the session's insert. It leaves the rest
+/// to the general path below: an agent with `max_sessions` (its last places are taken
+/// under its lock), no eligible agent (the error says why), a session id collision.
+pub async fn session_create(tx: &mut CreateTx, new: &NewSession) -> Result<SessionCreated> {
+    if tx.user_id != new.user_id || (new.max_active_per_user.is_some() && !tx.quota_locked) {
+        return Err(Error::InvalidInput(
+            "a session create must run in a CreateTx begun for the same request".into(),
+        ));
+    }
+    let conn = tx.conn();
+    let resources = serde_json::to_value(new.resources.clone().unwrap_or_default())
+        .map_err(|e| Error::InvalidInput(format!("resources: {e}")))?;
+    let max = new
+        .max_active_per_user
+        .map(|m| i32::try_from(m).unwrap_or(i32::MAX));
+    let candidate = session_id_new(&new.user_id, &new.template);
+    let first = sqlx::query!(
         r#"
-        SELECT count(*) AS "n!" FROM sessions
-        WHERE user_id = $1 AND state NOT IN ('terminated', 'failed')
+        WITH quota AS (
+            SELECT CASE WHEN $5::int4 IS NULL THEN 0
+                        ELSE (SELECT count(*) FROM sessions
+                              WHERE user_id = $2 AND state NOT IN ('terminated', 'failed'))
+                   END AS active
+        ), chosen AS (
+            SELECT p.agent_id, p.max_sessions
+            FROM streamspace_placement($6, $7, $8, '{}') p
+        ), inserted AS (
+            -- Only an uncapped agent: a capped one's last places are taken under its lock.
+            INSERT INTO sessions (id, user_id, template, agent_id, resources)
+            SELECT $1, $2, $3, c.agent_id, $4::jsonb
+            FROM chosen c, quota q
+            WHERE c.max_sessions IS NULL AND ($5::int4 IS NULL OR q.active < $5::int4)
+            ON CONFLICT (id) DO NOTHING
+            RETURNING agent_id
+        )
+        SELECT q.active AS "active!", (SELECT agent_id FROM inserted) AS inserted_on
+        FROM quota q
         "#,
-        user_id,
+        candidate,
+        new.user_id,
+        new.template,
+        resources,
+        max,
+        new.placement.cluster,
+        new.placement.region,
+        new.offline_after.as_secs_f64(),
     )
     .fetch_one(&mut *conn)
     .await?;
-    if active >= i64::from(max) {
-        return Err(Error::QuotaExceeded(format!(
-            "you already have {active} active sessions, the most allowed is {max}; stop one first"
-        )));
+    if let Some(m) = new.max_active_per_user
+        && first.active >= i64::from(m)
+    {
+        return Err(quota_exceeded(first.active, m));
     }
-    Ok(())
-}
-
-/// Creates a session on the chosen agent and enqueues its `start_session`, in the
-/// caller's transaction. [`Error::NoEligibleAgent`] when no agent qualifies.
-pub async fn session_create(conn: &mut PgConnection, new: &NewSession) -> Result<SessionCreated> {
-    if let Some(max) = new.max_active_per_user {
-        session_quota_check(conn, &new.user_id, max).await?;
-    }
-    let agent_id = agent_choose(conn, &new.placement, new.offline_after).await?;
-    let resources = serde_json::to_value(new.resources.clone().unwrap_or_default())
-        .map_err(|e| Error::InvalidInput(format!("resources: {e}")))?;
-    // A collision of the 32 random bits within one user's template is unlikely; a few
-    // fresh draws make it practically impossible.
-    let mut id = None;
-    for _ in 0..4 {
-        let candidate = session_id_new(&new.user_id, &new.template);
-        let inserted = sqlx::query!(
-            r#"
-            INSERT INTO sessions (id, user_id, template, agent_id, resources)
-            VALUES ($1, $2, $3, $4, $5)
-            ON CONFLICT (id) DO NOTHING
-            "#,
-            candidate,
-            new.user_id,
-            new.template,
-            agent_id,
-            resources,
-        )
-        .execute(&mut *conn)
-        .await?;
-        if inserted.rows_affected() == 1 {
-            id = Some(candidate);
-            break;
+    let (id, agent_id) = match first.inserted_on {
+        Some(agent_id) => (candidate, agent_id),
+        None => {
+            let agent_id = agent_choose(conn, &new.placement, new.offline_after).await?;
+            (
+                session_insert(conn, new, &agent_id, &resources).await?,
+                agent_id,
+            )
         }
-    }
-    let id = id.ok_or_else(|| Error::Conflict("could not allocate a unique session id".into()))?;
+    };
     let mut start = NewCommand::new(
         agent_id.clone(),
         Some(id.clone()),
@@ -179,6 +255,40 @@ pub async fn session_create(conn: &mut PgConnection, new: &NewSession) -> Result
         agent_id,
         command_id: enqueued.command_id,
     })
+}
+
+/// Inserts the session row under a fresh id on `agent_id`; returns the id.
+async fn session_insert(
+    conn: &mut PgConnection,
+    new: &NewSession,
+    agent_id: &str,
+    resources: &serde_json::Value,
+) -> Result<String> {
+    // A collision of the 32 random bits within one user's template is unlikely; a few
+    // fresh draws make it practically impossible.
+    for _ in 0..4 {
+        let candidate = session_id_new(&new.user_id, &new.template);
+        let inserted = sqlx::query!(
+            r#"
+            INSERT INTO sessions (id, user_id, template, agent_id, resources)
+            VALUES ($1, $2, $3, $4, $5)
+            ON CONFLICT (id) DO NOTHING
+            "#,
+            candidate,
+            new.user_id,
+            new.template,
+            agent_id,
+            resources,
+        )
+        .execute(&mut *conn)
+        .await?;
+        if inserted.rows_affected() == 1 {
+            return Ok(candidate);
+        }
+    }
+    Err(Error::Conflict(
+        "could not allocate a unique session id".into(),
+    ))
 }
 
 /// One of `user_id`'s sessions.
