@@ -44,7 +44,8 @@ enum Flags {
         runs: Option<usize>,
         #[arg(long, default_value = "target/bench")]
         out: PathBuf,
-        /// Load pg_stat_statements and keep each queue drain's top statements (diagnostics).
+        /// Load pg_stat_statements and print the top statements of each measured window
+        /// (queue and pipeline drains, gateway-create, latency-200, idle; diagnostics).
         #[arg(long)]
         pgss: bool,
         /// Also run graphile-worker and PgQueuer (`../shared/bench/peers`) in the same

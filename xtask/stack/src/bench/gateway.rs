@@ -276,6 +276,9 @@ pub async fn latency_200(env: &Env) -> anyhow::Result<Run> {
         };
         // Warm-up: connections, prepared statements, the agent's first commands.
         let (warm, _) = open_loop(200.0, Duration::from_secs(1), op.clone()).await?;
+        if env.pgss {
+            super::queue::pgss_reset(&mut *stack.pool.acquire().await?).await?;
+        }
         let (sent, mut late) = open_loop(200.0, window, op).await?;
         wait_completed(
             &stack.pool,
@@ -283,6 +286,9 @@ pub async fn latency_200(env: &Env) -> anyhow::Result<Run> {
             Duration::from_secs(120),
         )
         .await?;
+        if env.pgss {
+            super::queue::print_top_statements(&stack.pool, "creates at 200/s").await?;
+        }
         let ids: Vec<String> = sent.iter().map(|(_, (id, _))| id.clone()).collect();
         let done: Vec<(String, DateTime<Utc>, DateTime<Utc>)> = sqlx::query_as(
             "SELECT command_id, sent_at, completed_at FROM agent_commands WHERE command_id = ANY($1)",
