@@ -18,11 +18,36 @@ pub fn run(flags: CiFlags) -> anyhow::Result<()> {
             "warnings",
         ]);
         exec(clippy)?;
+        // What `cargo xtask bench` builds: the agent without its Kubernetes runtime, the
+        // stack without the e2e and chaos suites.
+        let mut clippy = cargo();
+        clippy.args([
+            "clippy",
+            "--package",
+            "streamspace-agent",
+            "--package",
+            "streamspace-stack",
+            "--no-default-features",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]);
+        exec(clippy)?;
         // The committed query data must match the migrations and the code.
         crate::sqlx_prepare::run(crate::flags::SqlxPrepareFlags { check: true })?;
     }
     let mut test = cargo();
     test.args(["test", "--workspace"]);
+    exec(test)?;
+    let mut test = cargo();
+    test.args([
+        "test",
+        "--package",
+        "streamspace-agent",
+        "--no-default-features",
+        "--lib",
+    ]);
     exec(test)?;
     // The original test plan against real processes; the quick profile keeps CI short.
     crate::up::e2e(crate::flags::E2eFlags {

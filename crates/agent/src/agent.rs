@@ -29,10 +29,10 @@ use crate::backoff::Backoff;
 use crate::config::{AgentConfig, RuntimeKind};
 use crate::error::{Error, Result};
 use crate::executor::Executor;
+#[cfg(feature = "kubernetes")]
+use crate::runtime::KubernetesRuntime;
 use crate::runtime::faulty::{FaultyRuntime, Op as FaultOp, Schedule};
-use crate::runtime::{
-    KubernetesRuntime, Observation, ProcessRuntime, RecordRuntime, SessionRuntime,
-};
+use crate::runtime::{Observation, ProcessRuntime, RecordRuntime, SessionRuntime};
 
 /// Messages queued for the writer before `send` waits. Small: beyond it, HTTP/2 flow
 /// control should slow the producers down rather than memory absorbing a stalled peer.
@@ -123,9 +123,13 @@ impl Agent {
             RuntimeKind::Process => {
                 Arc::new(ProcessRuntime::open(config.process_runtime_config()).await?)
             }
+            #[cfg(feature = "kubernetes")]
             RuntimeKind::Kubernetes => {
                 Arc::new(KubernetesRuntime::connect(&config.kubernetes).await?)
             }
+            // `validate` refuses it already; kept for the match to be exhaustive.
+            #[cfg(not(feature = "kubernetes"))]
+            RuntimeKind::Kubernetes => return Err(crate::config::built_without_kubernetes()),
             RuntimeKind::Record => {
                 tracing::warn!(
                     "runtime \"record\": sessions are only remembered, nothing runs (benchmarks only)"

@@ -9,10 +9,27 @@ use serde::Deserialize;
 use streamspace_core::config::Secret;
 
 use crate::error::{Error, Result};
+#[cfg(feature = "kubernetes")]
 use crate::runtime::kubernetes::KubernetesConfig;
 use crate::runtime::process::{
     Catalog, DEFAULT_MONITOR_INTERVAL, ProcessRuntimeConfig, Template, default_agent_exe,
 };
+
+/// Built without the `kubernetes` feature, the agent still accepts a `[kubernetes]`
+/// section (one configuration file serves both builds) and ignores it; asking for
+/// `runtime = "kubernetes"` is refused by [`AgentConfig::validate`].
+#[cfg(not(feature = "kubernetes"))]
+pub type KubernetesConfig = serde::de::IgnoredAny;
+
+/// Why an agent built without the `kubernetes` feature refuses `runtime = "kubernetes"`.
+#[cfg(not(feature = "kubernetes"))]
+pub(crate) fn built_without_kubernetes() -> Error {
+    Error::Config(
+        "runtime = \"kubernetes\" needs an agent built with the `kubernetes` feature \
+         (a default one); this binary was built without it (`--no-default-features`)"
+            .into(),
+    )
+}
 
 pub const DEFAULT_DISPATCHER_URL: &str = "http://127.0.0.1:7001";
 pub const DEFAULT_STATE_DIR: &str = ".streamspace/agent";
@@ -255,7 +272,10 @@ impl AgentConfig {
             return bad("remembered_commands must be positive".into());
         }
         if self.runtime == RuntimeKind::Kubernetes {
+            #[cfg(feature = "kubernetes")]
             self.kubernetes.validate()?;
+            #[cfg(not(feature = "kubernetes"))]
+            return Err(built_without_kubernetes());
         }
         Ok(())
     }
@@ -387,5 +407,29 @@ mod tests {
                 .to_string()
                 .contains("https://")
         );
+    }
+
+    /// An agent built without the Kubernetes client reads the same configuration files
+    /// (a `[kubernetes]` section is accepted and ignored) but refuses to run that runtime
+    /// with an error that says why, instead of starting something else.
+    #[cfg(not(feature = "kubernetes"))]
+    #[test]
+    fn without_the_kubernetes_feature_its_runtime_is_refused_by_name() {
+        let config: AgentConfig = streamspace_core::config::load_from(
+            None,
+            env(&[
+                ("STREAMSPACE_CREDENTIAL", "t"),
+                ("STREAMSPACE_RUNTIME", "kubernetes"),
+                ("STREAMSPACE_KUBERNETES__NAMESPACE", "sessions"),
+            ]),
+        )
+        .unwrap();
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("`kubernetes` feature"), "{err}");
+        let config = AgentConfig {
+            runtime: RuntimeKind::Record,
+            ..config
+        };
+        config.validate().unwrap();
     }
 }

@@ -1,11 +1,13 @@
-//! `streamspace-stack up | e2e`: started by `cargo xtask up` and `cargo xtask e2e` after
-//! they build the service binaries this runs.
+//! `streamspace-stack up | bench | e2e | chaos`: started by `cargo xtask up`, `bench`, `e2e`
+//! and `chaos` after they build the service binaries this runs (`e2e` and `chaos` only
+//! with the default `suites` feature).
 #![forbid(unsafe_code)]
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
+#[cfg(feature = "suites")]
 use streamspace_stack::e2e::Profile;
 
 #[derive(Debug, Parser)]
@@ -45,7 +47,8 @@ enum Flags {
         #[arg(long, default_value = "target/bench")]
         out: PathBuf,
         /// Load pg_stat_statements and print the top statements of each measured window
-        /// (queue and pipeline drains, gateway-create, latency-200, idle; diagnostics).
+        /// (queue and pipeline drains, gateway-create, latency-200, idle, streams' registering
+        /// and connecting; diagnostics).
         #[arg(long)]
         pgss: bool,
         /// Also run graphile-worker and PgQueuer (`../shared/bench/peers`) in the same
@@ -57,6 +60,7 @@ enum Flags {
         peers_dir: Option<PathBuf>,
     },
     /// Faults under a steady workload, every operation accounted for.
+    #[cfg(feature = "suites")]
     Chaos {
         #[arg(long)]
         scenario: Option<String>,
@@ -72,6 +76,7 @@ enum Flags {
         report: PathBuf,
     },
     /// Run the end-to-end scenarios.
+    #[cfg(feature = "suites")]
     E2e {
         /// Run only this scenario (e.g. 3.2-command-retry).
         #[arg(long)]
@@ -134,6 +139,7 @@ async fn main() -> anyhow::Result<()> {
             })
             .await
         }
+        #[cfg(feature = "suites")]
         Flags::Chaos {
             scenario,
             seed,
@@ -156,6 +162,7 @@ async fn main() -> anyhow::Result<()> {
                 std::process::exit(1)
             }
         }
+        #[cfg(feature = "suites")]
         Flags::E2e {
             scenario,
             profile,

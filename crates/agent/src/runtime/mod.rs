@@ -9,6 +9,7 @@
 
 pub mod faulty;
 pub mod journal;
+#[cfg(feature = "kubernetes")]
 pub mod kubernetes;
 pub mod process;
 mod procfs;
@@ -25,6 +26,7 @@ use tokio::sync::broadcast;
 /// tonic; re-exporting it here spares implementors (and the workspace) another dependency.
 pub use tonic::async_trait;
 
+#[cfg(feature = "kubernetes")]
 pub use kubernetes::{
     BASELINE_CAPABILITIES, KubeTemplate, KubernetesConfig, KubernetesRuntime, SecurityProfile,
 };

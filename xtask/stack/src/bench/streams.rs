@@ -31,12 +31,12 @@ pub async fn streams(env: &Env) -> anyhow::Result<Run> {
     raise_fd_limit(n as u64 + 1_024)?;
     let url = env.fresh_database().await?;
     let mut stack = Stack::start(record_stack_options(url, env, 0, false)).await?;
-    let result = measure(&stack, n, window).await;
+    let result = measure(env, &stack, n, window).await;
     stack.stop().await;
     result
 }
 
-async fn measure(stack: &Stack, n: usize, window: Duration) -> anyhow::Result<Run> {
+async fn measure(env: &Env, stack: &Stack, n: usize, window: Duration) -> anyhow::Result<Run> {
     let pid = stack.dispatchers[0]
         .proc
         .as_ref()
@@ -44,6 +44,10 @@ async fn measure(stack: &Stack, n: usize, window: Duration) -> anyhow::Result<Ru
         .context("the dispatcher's pid")?;
     let dispatcher = stack.dispatcher_url(0);
 
+    if env.pgss {
+        super::queue::pgss_reset(&mut *stack.pool.acquire().await?).await?;
+    }
+    let started = Instant::now();
     let credentials: Vec<(String, String)> = futures_util::stream::iter(0..n)
         .map(|i| {
             let pool = stack.pool.clone();
@@ -59,6 +63,12 @@ async fn measure(stack: &Stack, n: usize, window: Duration) -> anyhow::Result<Ru
         .into_iter()
         .collect::<Result<_, _>>()?;
 
+    let register_s = started.elapsed().as_secs_f64();
+    if env.pgss {
+        super::queue::print_top_statements(&stack.pool, &format!("registering {n} agents")).await?;
+        super::queue::pgss_reset(&mut *stack.pool.acquire().await?).await?;
+    }
+
     let rss_before = rss_kib(pid.as_raw())?;
     let ended = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
@@ -73,6 +83,9 @@ async fn measure(stack: &Stack, n: usize, window: Duration) -> anyhow::Result<Ru
         .into_iter()
         .collect::<Result<_, _>>()?;
     let connect_s = started.elapsed().as_secs_f64();
+    if env.pgss {
+        super::queue::print_top_statements(&stack.pool, &format!("connecting {n} agents")).await?;
+    }
     let interval = agents
         .first()
         .map(|a| a.heartbeat_interval)
@@ -112,7 +125,7 @@ async fn measure(stack: &Stack, n: usize, window: Duration) -> anyhow::Result<Ru
         value: on_time as f64,
         secondary: Some(per_stream_kb),
         details: json!({
-            "agents": n, "connected_in_s": connect_s, "window_s": window.as_secs_f64(),
+            "agents": n, "registered_in_s": register_s, "connected_in_s": connect_s, "window_s": window.as_secs_f64(),
             "heartbeat_interval_ms": interval.as_millis() as u64,
             "streams_ended_early": n - held, "heartbeats_late": late,
             "late_means_older_than_s": late_after,
