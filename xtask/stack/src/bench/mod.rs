@@ -351,10 +351,12 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<()> {
         let mut done = Vec::new();
         let mut failure = None;
         for n in 0..runs {
+            // The run's wall time, set-up included: what it adds to `cargo xtask bench`.
+            let started = std::time::Instant::now();
             match f(&env).await {
                 Ok(r) => {
                     println!(
-                        "{:<18} run {}/{runs}: {:.2} {}{}",
+                        "{:<18} run {}/{runs}: {:.2} {}{} ({:.1} s)",
                         spec.name,
                         n + 1,
                         r.value,
@@ -362,7 +364,8 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<()> {
                         match (r.secondary, spec.secondary) {
                             (Some(v), Some((label, unit, _))) => format!(", {label} {v:.2} {unit}"),
                             _ => String::new(),
-                        }
+                        },
+                        started.elapsed().as_secs_f64()
                     );
                     done.push(r);
                 }

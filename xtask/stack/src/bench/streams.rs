@@ -106,6 +106,7 @@ async fn measure(env: &Env, stack: &Stack, n: usize, window: Duration) -> anyhow
     .await?;
     let rss_after = rss_kib(pid.as_raw())?;
     let per_stream_kb = (rss_after.saturating_sub(rss_before)) as f64 * 1.024 / n as f64;
+    let dropped = Instant::now();
     drop(agents);
     // The streams end with their senders; the dispatcher notices and lets them go.
     until("the simulated agents to disconnect", Duration::from_secs(120), || {
@@ -120,12 +121,14 @@ async fn measure(env: &Env, stack: &Stack, n: usize, window: Duration) -> anyhow
         }
     })
     .await?;
+    let disconnect_s = dropped.elapsed().as_secs_f64();
     let on_time = held.saturating_sub(late as usize);
     Ok(Run {
         value: on_time as f64,
         secondary: Some(per_stream_kb),
         details: json!({
-            "agents": n, "registered_in_s": register_s, "connected_in_s": connect_s, "window_s": window.as_secs_f64(),
+            "agents": n, "registered_in_s": register_s, "connected_in_s": connect_s,
+            "all_offline_in_s": disconnect_s, "window_s": window.as_secs_f64(),
             "heartbeat_interval_ms": interval.as_millis() as u64,
             "streams_ended_early": n - held, "heartbeats_late": late,
             "late_means_older_than_s": late_after,
